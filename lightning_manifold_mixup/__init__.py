@@ -1,0 +1,42 @@
+"""Manifold Mixup (Verma et al., ICML 2019) for PyTorch Lightning."""
+
+from lightning_manifold_mixup.callback import ManifoldMixupCallback
+from lightning_manifold_mixup.layers import candidate_layers, normalize_name, resolve_layers
+from lightning_manifold_mixup.losses import (
+    bce_softmax_loss,
+    mixup_loss,
+    pair_cross_entropy,
+    soft_cross_entropy,
+)
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, dominant_class
+from lightning_manifold_mixup.mixing import (
+    MixDecision,
+    MixedTarget,
+    mix_nested,
+    mix_targets,
+    mix_tensor,
+    one_hot_mix,
+    sample_decision,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ManifoldMixupCallback",
+    "ManifoldMixupMixin",
+    "MixDecision",
+    "MixedTarget",
+    "bce_softmax_loss",
+    "candidate_layers",
+    "dominant_class",
+    "mix_nested",
+    "mix_targets",
+    "mix_tensor",
+    "mixup_loss",
+    "normalize_name",
+    "one_hot_mix",
+    "pair_cross_entropy",
+    "resolve_layers",
+    "sample_decision",
+    "soft_cross_entropy",
+]

@@ -1,0 +1,207 @@
+"""Finding the layers to mix: name matching through wrappers and automatic selection.
+
+Strategies and tools insert segments into module names (DDP's ``module``, FSDP's
+``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``,
+``torch.compile``'s ``_orig_mod``). Names here are always compared with those segments
+removed, so one configuration works under every strategy.
+
+Example:
+    >>> normalize_name("net._orig_mod.layer1._checkpoint_wrapped_module")
+    'net.layer1'
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+INPUT = "input"
+WRAPPER_SEGMENTS = frozenset(
+    {"module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}
+)
+
+# Leaf modules whose output is a natural mixing point in a plain stack of layers.
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+)
+
+
+def normalize_name(name: str) -> str:
+    """Drop wrapper segments (see module docstring) from a dotted module name."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Map each normalized submodule name to its outermost module (the root is excluded).
+
+    A wrapper and the module it wraps share a normalized name; the wrapper comes first in
+    ``named_modules()`` and is kept, so a hook on it sees the wrapped module's output once.
+    """
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        key = normalize_name(name)
+        if key and key not in out:
+            out[key] = module
+    return out
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    while True:
+        inner = next(
+            (getattr(module, s) for s in WRAPPER_SEGMENTS if isinstance(getattr(module, s, None), nn.Module)),
+            None,
+        )
+        if inner is None:
+            return module
+        module = inner
+
+
+def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, child in _unwrap(module).named_children():
+        yield name, _unwrap(child)
+
+
+def _is_stage(module: nn.Module) -> bool:
+    """A Sequential whose every element is itself a composite block (e.g. a ResNet stage)."""
+    return (
+        isinstance(module, nn.Sequential)
+        and len(module) > 0
+        and all(any(True for _ in _children(block)) for block in module)
+    )
+
+
+def _contains_sequence(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, (nn.Sequential, nn.ModuleList)) for m in _unwrap(module).modules()
+    )
+
+
+def _collect(module: nn.Module, prefix: str, in_sequence: bool, out: list[str]) -> None:
+    kids = list(_children(module))
+    stages = [name for name, child in kids if _is_stage(child)]
+    for name, child in kids:
+        path = f"{prefix}.{name}" if prefix else name
+        if len(stages) >= 2:
+            # A backbone with several stages: its stage outputs are the boundaries.
+            if name in stages:
+                out.append(path)
+            continue
+        is_leaf = not any(True for _ in child.children())
+        if isinstance(child, _ACTIVATIONS):
+            out.append(path)
+        elif isinstance(child, (nn.Sequential, nn.ModuleList)):
+            _collect(child, path, True, out)
+        elif is_leaf:
+            continue
+        elif in_sequence and not _contains_sequence(child):
+            out.append(path)  # a block in a stack of blocks (transformer layer, residual block)
+        elif _contains_sequence(child):
+            _collect(child, path, False, out)
+
+
+def candidate_layers(model: nn.Module) -> list[str]:
+    """Layers that ``layers=None`` selects: outputs of blocks and stages, never their insides.
+
+    The rule, applied from the root down:
+
+    1. A module with two or more *stages* (Sequentials whose elements are all composite
+       blocks, like ``layer1..layer4`` of a ResNet) contributes its stages and nothing else.
+    2. Inside a Sequential or ModuleList, each composite element that holds no further
+       Sequential/ModuleList is a block (a transformer encoder layer, a residual block) and is
+       selected; composite elements that do hold one are searched recursively.
+    3. Activation modules (ReLU, GELU, ...) met on the way are selected: the hidden layers of
+       an MLP.
+    4. Other leaves (Linear, Conv, norms, dropout) and the insides of blocks are never selected.
+
+    The result holds normalized names and never the input; add ``"input"`` yourself.
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+        ...                     nn.Linear(8, 2))
+        >>> candidate_layers(mlp)
+        ['1', '3']
+    """
+    out: list[str] = []
+    root = _unwrap(model)
+    _collect(root, "", isinstance(root, (nn.Sequential, nn.ModuleList)), out)
+    seen: dict[str, None] = {}
+    for name in out:
+        seen.setdefault(normalize_name(name), None)
+    return list(seen)
+
+
+def _unknown_name_error(name: str, available: Sequence[str]) -> ValueError:
+    close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
+    shown = ", ".join(available[:40]) + (", ..." if len(available) > 40 else "")
+    return ValueError(
+        f"unknown layer {name!r}{hint} Available: 'input', {shown}. "
+        "Use names as model.named_modules() spells them (wrapper segments such as "
+        "'_orig_mod' or '_fsdp_wrapped_module' removed), or glob patterns like 'net.layer*'."
+    )
+
+
+def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
+    """Expand names and glob patterns into the eligible set, in the order given.
+
+    Args:
+        model: the module whose submodules are matched (a LightningModule).
+        layers: names, glob patterns and/or ``"input"``; ``None`` selects automatically
+            with :func:`candidate_layers`.
+
+    Raises:
+        ValueError: for an unknown name (with close matches), a pattern that matches nothing,
+            or an empty result.
+    """
+    available = list(named_layers(model))
+    if layers is None:
+        chosen = candidate_layers(model)
+        if not chosen:
+            raise ValueError(
+                f"could not select layers automatically for {type(model).__name__}: no "
+                "stage, block or activation module was found. Pass layers=[...] with names "
+                f"from: {', '.join(available[:40])}"
+            )
+        return chosen
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a list of names, not the string {layers!r}; write [{layers!r}]")
+    if len(layers) == 0:
+        raise ValueError(
+            "layers is empty: give at least one layer name (e.g. ['input', 'net.layer1']) or "
+            "layers=None to select automatically"
+        )
+    out: list[str] = []
+    for pattern in layers:
+        if pattern == INPUT:
+            matches = [INPUT]
+        elif any(ch in pattern for ch in "*?["):
+            norm = normalize_name(pattern)
+            matches = [n for n in available if fnmatch.fnmatchcase(n, norm)]
+            if not matches:
+                shown = ", ".join(available[:40])
+                raise ValueError(
+                    f"layer pattern {pattern!r} matches no submodule. Available: {shown}"
+                )
+        else:
+            norm = normalize_name(pattern)
+            if norm not in available:
+                raise _unknown_name_error(pattern, available)
+            matches = [norm]
+        out.extend(m for m in matches if m not in out)
+    return out

@@ -1,0 +1,119 @@
+"""``ManifoldMixupMixin``: the LightningModule side of Manifold Mixup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_manifold_mixup.losses import Criterion, Target, mixup_loss
+from lightning_manifold_mixup.mixing import MixedTarget
+
+
+def dominant_class(target: Target) -> Tensor:
+    """Class indices ``(B,)`` from labels, soft targets ``(B, C)`` or a :class:`MixedTarget`.
+
+    For a mixed target this is the class with the larger weight, which is what a train
+    accuracy on mixed batches can be measured against.
+
+    Example:
+        >>> dominant_class(torch.tensor([[0.3, 0.7], [0.9, 0.1]]))
+        tensor([1, 0])
+    """
+    if isinstance(target, MixedTarget):
+        lam = target.lam.expand(target.y_a.shape[0])
+        return torch.where(lam >= 0.5, target.y_a, target.y_b)
+    if target.is_floating_point():
+        return target.argmax(dim=-1)
+    return target
+
+
+class ManifoldMixupMixin:
+    """Mix into a LightningModule (before ``LightningModule`` in the bases) for Manifold Mixup.
+
+    Supplies :meth:`mixup_loss`, a default :meth:`training_step` for ``(x, y)`` batches, and
+    turns tuple batches into lists during training so ``ManifoldMixupCallback`` can rewrite
+    them in place.
+
+    Class attributes (override in the subclass or set in ``__init__``):
+        mixup_criterion: ``"ce"`` (cross-entropy) or ``"bce"`` (BCE on softmax, as the
+            paper's reference code).
+        mixup_label_smoothing: label smoothing in ``[0, 1)`` for ``"ce"``.
+
+    Example:
+        >>> import lightning as L
+        >>> class Lit(ManifoldMixupMixin, L.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.num_classes = 3
+        ...         self.net = torch.nn.Linear(4, 3)
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        >>> soft = torch.tensor([[0.5, 0.5, 0.0]])
+        >>> float(Lit().mixup_loss(torch.zeros(1, 3), soft))  # log(3)
+        1.0986...
+    """
+
+    mixup_criterion: Criterion = "ce"
+    mixup_label_smoothing: float = 0.0
+
+    def mixup_loss(self, logits: Tensor, target: Target) -> Tensor:
+        """Loss for mixed (soft or pair) and unmixed (class index) targets, in float32.
+
+        Args:
+            logits: ``(B, C)`` in any floating dtype.
+            target: int64 ``(B,)``, float ``(B, C)`` or :class:`MixedTarget`.
+
+        Returns:
+            A float32 scalar, computed with autocast disabled.
+        """
+        return mixup_loss(
+            logits,
+            target,
+            criterion=self.mixup_criterion,
+            label_smoothing=self.mixup_label_smoothing,
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)  # type: ignore[misc]
+        trainer = getattr(self, "_trainer", None)
+        # Tuples cannot be rewritten in place; Lightning passes the same list object to the
+        # callback's on_train_batch_start and to training_step.
+        if trainer is not None and trainer.training and type(batch) is tuple:
+            batch = list(batch)
+        return batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Default step for ``(x, y)`` classification batches: loss and train accuracy.
+
+        Logs ``train_loss`` and ``train_acc`` (accuracy against the dominant class of the
+        mixed target) per step and per epoch; epoch values are reduced across processes by
+        torchmetrics, so no collective runs per step.
+        """
+        x, y = batch[0], batch[1]
+        logits = self(x)  # type: ignore[operator]
+        loss = self.mixup_loss(logits, y)
+        self._log_train_metrics(loss, logits, y)
+        return loss
+
+    def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
+        if getattr(self, "_mixup_metrics_ready", False) is False:
+            num_classes = logits.shape[-1]
+            if num_classes < 2:
+                rank_zero_warn("train_acc needs at least 2 classes; only the loss is logged")
+            self.train_loss_mean = MeanMetric().to(logits.device)
+            self.train_acc = (
+                MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro").to(
+                    logits.device
+                )
+            )
+            self._mixup_metrics_ready = True
+        self.train_loss_mean(loss.detach())
+        self.train_acc(logits.detach(), dominant_class(target))
+        log = self.log  # type: ignore[attr-defined]
+        log("train_loss", self.train_loss_mean, on_step=True, on_epoch=True, prog_bar=True)
+        log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)

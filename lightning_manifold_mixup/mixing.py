@@ -1,0 +1,196 @@
+"""The mixing math of Manifold Mixup, in plain torch (no Lightning import).
+
+For a batch ``h`` of shape ``(B, ...)``, a mixing coefficient ``lam`` and a permutation
+``index`` of ``range(B)``, the mixed batch is ``lam * h + (1 - lam) * h[index]``
+(Verma et al., ICML 2019, eq. 2). Targets are mixed the same way, with integer class labels
+first turned into one-hot rows.
+
+Example:
+    >>> import torch
+    >>> h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> mix_tensor(h, torch.tensor(0.75), torch.tensor([1, 0]))
+    tensor([[0.7500, 0.2500],
+            [0.2500, 0.7500]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LamMode = Literal["batch", "sample"]
+
+
+class MixedTarget(NamedTuple):
+    """Targets kept as a pair of class-index tensors and their weight (the "pair" form).
+
+    Stands for the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)`` without
+    materialising a ``(B, C)`` matrix. ``y_a`` and ``y_b`` are ``(B,)`` int64, ``lam`` is a
+    float32 tensor of shape ``()`` or ``(B,)``.
+    """
+
+    y_a: Tensor
+    y_b: Tensor
+    lam: Tensor
+
+
+@dataclass(frozen=True)
+class MixDecision:
+    """What is mixed in one training batch.
+
+    Attributes:
+        layer: name of the mixed layer, ``"input"`` for input mixup.
+        layer_index: position of ``layer`` in the eligible set.
+        lam: float32 tensor, shape ``()`` (``lam_mode="batch"``) or ``(B,)`` (``"sample"``).
+        index: int64 permutation of ``range(B)``; row ``i`` is mixed with row ``index[i]``.
+    """
+
+    layer: str
+    layer_index: int
+    lam: Tensor
+    index: Tensor
+
+
+def sample_decision(
+    rng: np.random.Generator,
+    *,
+    batch_size: int,
+    num_layers: int,
+    alpha: float,
+    probability: float,
+    lam_mode: LamMode,
+) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """Draw (layer position, lam, permutation) for one batch, or None when the batch is not mixed.
+
+    Draws happen on the host from ``rng`` in a fixed order, so the same generator state always
+    gives the same decision. ``lam`` has shape ``()`` or ``(batch_size,)``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> k, lam, index = sample_decision(
+        ...     rng, batch_size=4, num_layers=3, alpha=2.0, probability=1.0, lam_mode="batch")
+        >>> 0 <= k < 3, 0.0 <= float(lam) <= 1.0, sorted(index.tolist())
+        (True, True, [0, 1, 2, 3])
+    """
+    # Every draw is made whether or not the batch is mixed, so the stream does not depend on
+    # the outcome of earlier draws.
+    u = rng.random()
+    k = int(rng.integers(num_layers))
+    lam = rng.beta(alpha, alpha, size=batch_size if lam_mode == "sample" else None)
+    index = rng.permutation(batch_size)
+    if u >= probability:
+        return None
+    return k, np.asarray(lam, dtype=np.float32), index
+
+
+def _lam_like(lam: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """``lam`` and ``1 - lam`` in ``h``'s dtype and device, shaped to broadcast over ``h``."""
+    lam = lam.to(device=h.device)
+    if lam.ndim == 1:
+        lam = lam.view(lam.shape[0], *([1] * (h.ndim - 1)))
+    # Both weights are rounded from float32 separately so neither inherits the other's
+    # rounding error in half precision.
+    return lam.to(h.dtype), (1.0 - lam).to(h.dtype)
+
+
+def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
+    """Return ``lam * h + (1 - lam) * h[index]``.
+
+    Args:
+        h: ``(B, ...)`` floating tensor of any rank.
+        lam: float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is broadcast over every
+            non-batch dimension.
+        index: ``(B,)`` int64 permutation.
+
+    Returns:
+        A tensor with the shape, dtype and device of ``h``.
+    """
+    if not h.is_floating_point():
+        raise TypeError(f"cannot mix a tensor of dtype {h.dtype}: mixing needs floating point")
+    lam_a, lam_b = _lam_like(lam, h)
+    return h * lam_a + h[index.to(h.device)] * lam_b
+
+
+def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[Any, int]:
+    """Mix every floating tensor in ``obj`` whose first dimension is ``batch_size``.
+
+    ``obj`` may be a tensor or any nesting of tuples, lists, named tuples and mappings (a
+    layer's output, a batch's input). Other leaves are returned unchanged.
+
+    Returns:
+        The mixed structure (same container types) and the number of tensors mixed.
+    """
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() and obj.ndim >= 1 and obj.shape[0] == batch_size:
+            return mix_tensor(obj, lam, index), 1
+        return obj, 0
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        parts = [mix_nested(v, lam, index, batch_size) for v in obj]
+        return type(obj)(*(p[0] for p in parts)), sum(p[1] for p in parts)
+    if isinstance(obj, (tuple, list)):
+        parts = [mix_nested(v, lam, index, batch_size) for v in obj]
+        return type(obj)(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(obj, Mapping):
+        mixed = {k: mix_nested(v, lam, index, batch_size) for k, v in obj.items()}
+        out = dict(obj)
+        out.update({k: v[0] for k, v in mixed.items()})
+        try:
+            rebuilt = type(obj)(out)  # keep OrderedDict, ModelOutput-like mappings
+        except TypeError:
+            rebuilt = out
+        return rebuilt, sum(v[1] for v in mixed.values())
+    return obj, 0
+
+
+def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tensor:
+    """Soft targets ``lam * one_hot(y) + (1 - lam) * one_hot(y[index])``.
+
+    Args:
+        y: ``(B,)`` integer class labels in ``[0, num_classes)``.
+        lam: float tensor of shape ``()`` or ``(B,)``.
+        index: ``(B,)`` int64 permutation.
+
+    Returns:
+        ``(B, num_classes)`` float32 soft targets; each row sums to 1.
+
+    Example:
+        >>> one_hot_mix(torch.tensor([0, 2]), torch.tensor(0.25), torch.tensor([1, 0]), 3)
+        tensor([[0.2500, 0.0000, 0.7500],
+                [0.7500, 0.0000, 0.2500]])
+    """
+    lam = lam.to(device=y.device, dtype=torch.float32)
+    lam_col = lam.expand(y.shape[0]).unsqueeze(1)
+    out = torch.zeros(y.shape[0], num_classes, dtype=torch.float32, device=y.device)
+    out.scatter_add_(1, y.unsqueeze(1), lam_col)
+    out.scatter_add_(1, y[index.to(y.device)].unsqueeze(1), 1.0 - lam_col)
+    return out
+
+
+def mix_targets(
+    y: Tensor,
+    lam: Tensor,
+    index: Tensor,
+    *,
+    num_classes: int | None = None,
+    pair: bool = False,
+) -> Tensor | MixedTarget:
+    """Mix a batch of targets with the same ``lam`` and ``index`` as the features.
+
+    Integer labels ``(B,)`` become float32 soft targets ``(B, num_classes)`` (or a
+    :class:`MixedTarget` with ``pair=True``). Floating targets of any shape ``(B, ...)``
+    (one-hot, soft, multi-label, regression) become ``lam * y + (1 - lam) * y[index]`` in
+    their own dtype.
+    """
+    if y.is_floating_point():
+        return mix_tensor(y, lam, index)
+    if pair:
+        lam = lam.to(device=y.device, dtype=torch.float32)
+        return MixedTarget(y, y[index.to(y.device)], lam)
+    if num_classes is None:
+        raise ValueError("integer targets need num_classes to be turned into soft targets")
+    return one_hot_mix(y, lam, index, num_classes)
