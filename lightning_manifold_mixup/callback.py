@@ -111,7 +111,8 @@ class ManifoldMixupCallback(pl.Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.seed = seed
-        self.log = log
+        # Lightning assigns `callback.log = pl_module.log` at fit start, so the flag lives here.
+        self.log_mixing = log
         self.targets: TargetMode = targets
 
         self.current: MixDecision | None = None
@@ -202,7 +203,7 @@ class ManifoldMixupCallback(pl.Callback):
         self._set(batch, self.target_key, new_target)
         self._calls = 0
         self.current = decision
-        if self.log:
+        if self.log_mixing:
             lam_value = float(lam_np.mean())
             pl_module.log("mixup/lam", lam_value, on_step=True, on_epoch=False)
             pl_module.log("mixup/layer", float(k), on_step=True, on_epoch=False)

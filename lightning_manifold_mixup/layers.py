@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -59,6 +59,40 @@ def named_layers(model: nn.Module) -> dict[str, nn.Module]:
         if key and key not in out:
             out[key] = module
     return out
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a dotted-name glob: ``*`` and ``?`` stay within one segment, ``**`` spans dots.
+
+    Example:
+        >>> bool(glob_to_regex("net.layer*").fullmatch("net.layer1.0"))
+        False
+        >>> bool(glob_to_regex("net.**.conv1").fullmatch("net.layer1.0.conv1"))
+        True
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append("[^.]*")
+        elif ch == "?":
+            out.append("[^.]")
+        elif ch == "[":
+            end = pattern.find("]", i + 1)
+            if end == -1:
+                out.append(re.escape(ch))
+            else:
+                body = pattern[i + 1 : end]
+                out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -146,10 +180,15 @@ def candidate_layers(model: nn.Module) -> list[str]:
     return list(seen)
 
 
+def _listing(names: Sequence[str], limit: int = 40) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 def _unknown_name_error(name: str, available: Sequence[str]) -> ValueError:
     close = difflib.get_close_matches(name, available, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
-    shown = ", ".join(available[:40]) + (", ..." if len(available) > 40 else "")
+    shown = _listing(available)
     return ValueError(
         f"unknown layer {name!r}{hint} Available: 'input', {shown}. "
         "Use names as model.named_modules() spells them (wrapper segments such as "
@@ -191,12 +230,12 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
         if pattern == INPUT:
             matches = [INPUT]
         elif any(ch in pattern for ch in "*?["):
-            norm = normalize_name(pattern)
-            matches = [n for n in available if fnmatch.fnmatchcase(n, norm)]
+            regex = glob_to_regex(normalize_name(pattern))
+            matches = [n for n in available if regex.fullmatch(n)]
             if not matches:
-                shown = ", ".join(available[:40])
                 raise ValueError(
-                    f"layer pattern {pattern!r} matches no submodule. Available: {shown}"
+                    f"layer pattern {pattern!r} matches no submodule ('*' stays within one "
+                    f"dotted segment, '**' spans several). Available: {_listing(available)}"
                 )
         else:
             norm = normalize_name(pattern)

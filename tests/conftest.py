@@ -1,0 +1,69 @@
+"""Shared fixtures: small LightningModules and a quiet CPU Trainer factory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_manifold_mixup import ManifoldMixupMixin
+
+
+class MLPClassifier(ManifoldMixupMixin, L.LightningModule):
+    """A 2-hidden-layer MLP; defined at module level so ddp_spawn can pickle it."""
+
+    def __init__(self, in_features: int = 8, num_classes: int = 4, hidden: int = 16) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def make_loader(
+    n: int = 64, in_features: int = 8, num_classes: int = 4, batch_size: int = 16, seed: int = 0
+) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def hook_counts(model: nn.Module) -> dict[str, int]:
+    return {
+        name: len(m._forward_hooks) + len(m._forward_pre_hooks)
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,251 @@
+"""When the callback mixes and when it must not; hooks, logging, batch structures."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import MLPClassifier, hook_counts, make_loader, quiet_trainer
+from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+
+
+class Twin(MLPClassifier):
+    """Compares every eval-time output with a hook-free twin holding the same weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checked: dict[str, int] = {"sanity": 0, "val": 0, "test": 0, "predict": 0}
+        self.train_mixed = 0
+
+    def _compare(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        twin = MLPClassifier()
+        twin.load_state_dict(self.state_dict())
+        twin.eval()
+        out = self(x)
+        with torch.no_grad():
+            torch.testing.assert_close(out, twin(x), rtol=0, atol=0)
+        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
+        assert cb.current is None
+        self.checked[kind] += 1
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
+        self.train_mixed += cb.current is not None
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        kind = "sanity" if self.trainer.sanity_checking else "val"
+        x, y = batch
+        self._compare(x, kind)
+        assert not y.is_floating_point()  # validation targets are never rewritten
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._compare(batch[0], "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        return self._compare(batch[0], "predict")
+
+
+def test_validation_sanity_test_and_predict_equal_the_unhooked_model() -> None:
+    model = Twin()
+    cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=0)
+    trainer = quiet_trainer(
+        max_epochs=2, num_sanity_val_steps=2, val_check_interval=2, callbacks=[cb]
+    )
+    trainer.fit(model, make_loader(), make_loader(seed=1))
+    trainer.test(model, make_loader(seed=2))
+    trainer.predict(model, make_loader(seed=3))
+    assert model.train_mixed == 8
+    assert model.checked["sanity"] == 2
+    assert model.checked["val"] >= 4 * 2  # mid-epoch validation too
+    assert model.checked["test"] == 4 and model.checked["predict"] == 4
+
+
+def test_hooks_are_gone_after_a_normal_fit() -> None:
+    model = MLPClassifier()
+    before = hook_counts(model)
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+    during: list[dict[str, int]] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            during.append(hook_counts(model))
+
+    quiet_trainer(max_steps=2, callbacks=[cb, Spy()]).fit(model, make_loader())
+    assert during[0]["net.1"] == before["net.1"] + 1  # the hooks really were there
+    assert {k: v for k, v in hook_counts(model).items() if k in before} == before
+    assert cb.current is None
+
+
+class Boom(MLPClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 1:
+            raise RuntimeError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+def test_hooks_are_gone_after_an_exception_in_training_step() -> None:
+    model = Boom()
+    before = hook_counts(model)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        quiet_trainer(max_steps=4, callbacks=[cb]).fit(model, make_loader())
+    assert {k: v for k, v in hook_counts(model).items() if k in before} == before
+    assert cb.current is None
+
+
+def test_repeated_fit_does_not_stack_hooks_and_the_callback_is_reusable() -> None:
+    model = MLPClassifier()
+    before = hook_counts(model)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
+    trainer.fit(model, make_loader())
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(model, make_loader())
+    assert {k: v for k, v in hook_counts(model).items() if k in before} == before
+
+
+def test_current_is_none_outside_training_batches() -> None:
+    seen: list[Any] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            seen.append(cb.current)
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    assert cb.current is None
+    quiet_trainer(max_steps=2, callbacks=[cb, Spy()]).fit(MLPClassifier(), make_loader())
+    # Spy runs after the mixup callback's on_train_batch_end, which clears the decision
+    assert seen == [None, None]
+
+
+def test_lam_and_layer_are_logged() -> None:
+    cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=0)
+    lams: list[float] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            lams.append(float(trainer.callback_metrics["mixup/lam"]))
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            pass
+
+    decisions: list[Any] = []
+
+    class Before(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            decisions.append(cb.current)
+
+    quiet_trainer(max_steps=3, callbacks=[Before(), cb, Spy()]).fit(MLPClassifier(), make_loader())
+    assert lams == pytest.approx([float(d.lam) for d in decisions])
+
+
+def test_logging_can_be_switched_off() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0, log=False)
+    trainer = quiet_trainer(max_steps=2, callbacks=[cb])
+    trainer.fit(MLPClassifier(), make_loader())
+    assert "mixup/lam" not in trainer.callback_metrics
+    assert "train_loss" in trainer.callback_metrics
+
+
+def _tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    xs, ys = zip(*samples, strict=True)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def test_tuple_batches_work_through_the_mixin() -> None:
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
+    targets: list[torch.Tensor] = []
+
+    class Spy(MLPClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            targets.append(batch[1])
+            return super().training_step(batch, batch_idx)
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), loader)
+    assert [t.shape for t in targets] == [torch.Size([4, 4])] * 2
+
+
+class PlainModule(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_tuple_batches_without_the_mixin_get_a_clear_error() -> None:
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(TypeError, match="cannot rewrite a tuple batch in place"):
+        quiet_trainer(max_steps=2, callbacks=[cb]).fit(PlainModule(), loader)
+
+
+def test_dict_batches_use_input_and_target_keys() -> None:
+    class DictModel(MLPClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            assert batch["label"].shape == (4, 4)  # soft targets
+            return self.mixup_loss(self(batch["image"]), batch["label"])
+
+    data = [{"image": torch.randn(8), "label": torch.tensor(i % 4)} for i in range(16)]
+    loader = DataLoader(data, batch_size=4)  # type: ignore[arg-type]
+    cb = ManifoldMixupCallback(layers=["input"], input_key="image", target_key="label", seed=0)
+    trainer = quiet_trainer(max_steps=2, callbacks=[cb])
+    trainer.fit(DictModel(), loader)
+    assert trainer.global_step == 2
+
+
+def test_pair_targets_reach_training_step_as_mixed_target() -> None:
+    from lightning_manifold_mixup import MixedTarget
+
+    seen: list[Any] = []
+
+    class Spy(MLPClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            seen.append(batch[1])
+            return super().training_step(batch, batch_idx)
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0, targets="pair")
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), make_loader())
+    assert all(isinstance(t, MixedTarget) for t in seen)
+
+
+class Shared(MLPClassifier):
+    """Runs the same activation module twice per forward (weight sharing)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net[1](self.net[0](x))
+        h = self.net[1](self.net[2](h))
+        return self.net[4](h)
+
+
+def test_a_layer_that_runs_twice_warns_once_and_gets_the_same_mix() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(max_steps=3, callbacks=[cb]).fit(Shared(), make_loader())
+    repeated = [w for w in caught if "ran more than once" in str(w.message)]
+    assert len(repeated) == 1
+
+
+def test_automatic_layers_are_announced_at_fit_start(caplog: pytest.LogCaptureFixture) -> None:
+    cb = ManifoldMixupCallback(seed=0)
+    with caplog.at_level("INFO"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+    assert cb.eligible == ["net.1", "net.3"]
+    assert "mixing at ['net.1', 'net.3']" in caplog.text

@@ -1,0 +1,191 @@
+"""Bad input gets an error that names the value and the way out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import MLPClassifier, make_loader, quiet_trainer
+from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 0.0}, r"alpha must be a number > 0 .*got 0\.0"),
+        ({"alpha": -1}, r"alpha must be a number > 0 .*got -1"),
+        ({"probability": 1.5}, r"probability must be in \[0, 1\], got 1\.5"),
+        ({"probability": -0.1}, r"probability must be in \[0, 1\], got -0\.1"),
+        ({"lam_mode": "pair"}, r"lam_mode must be 'batch' or 'sample', got 'pair'"),
+        ({"layers": []}, r"layers is empty"),
+        ({"layers": "net.1"}, r"layers must be a list of names, not the string 'net\.1'"),
+        ({"num_classes": 1}, r"num_classes must be an integer >= 2, got 1"),
+        ({"seed": -3}, r"seed must be a non-negative integer or None, got -3"),
+        ({"targets": "hard"}, r"targets must be 'soft' or 'pair', got 'hard'"),
+        ({"input_key": 1}, r"input_key and target_key are both 1"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        ManifoldMixupCallback(**kwargs)
+
+
+def test_constructor_reports_every_problem_at_once() -> None:
+    with pytest.raises(MisconfigurationException) as err:
+        ManifoldMixupCallback(alpha=0, probability=2, lam_mode="x")  # type: ignore[arg-type]
+    text = str(err.value)
+    assert "alpha" in text and "probability" in text and "lam_mode" in text
+
+
+class Counting(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (["net.l"], r"unknown layer 'net\.l'"),
+        (["net.3", "net.12"], r"unknown layer 'net\.12'; did you mean .*'net\.1'.*Available: 'input', 'net', 'net\.0'"),
+        (["head.*"], r"layer pattern 'head\.\*' matches no submodule"),
+    ],
+)
+def test_bad_layer_names_fail_before_any_training(layers: list[str], message: str) -> None:
+    model = Counting()
+    cb = ManifoldMixupCallback(layers=layers)
+    trainer = quiet_trainer(max_steps=2, num_sanity_val_steps=2, callbacks=[cb])
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(model, make_loader(), make_loader())
+    assert model.steps == 0
+
+
+class NoClasses(ManifoldMixupMixin, L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_integer_targets_without_num_classes_name_the_three_ways_to_give_it() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"])
+    with pytest.raises(ValueError, match=r"need num_classes .*num_classes=.*save_hyperparameters"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(NoClasses(), make_loader())
+
+
+def test_num_classes_is_read_from_hparams() -> None:
+    class WithHparams(NoClasses):
+        def __init__(self, num_classes: int = 4) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    targets: list[torch.Tensor] = []
+
+    class Spy(WithHparams):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            targets.append(batch[1])
+            return super().training_step(batch, batch_idx)
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    quiet_trainer(max_steps=1, callbacks=[cb]).fit(Spy(), make_loader())
+    assert targets[0].shape == (16, 4)
+
+
+def test_labels_outside_the_class_range_are_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], num_classes=3, seed=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+
+
+def test_missing_target_names_the_key_and_the_batch_layout() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], target_key=2, seed=0)
+    with pytest.raises(ValueError, match=r"no entry at target_key=2 .*list of length 2"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+
+
+def test_missing_dict_key_lists_the_keys() -> None:
+    data = [{"x": torch.randn(8), "y": torch.tensor(1)} for _ in range(8)]
+    cb = ManifoldMixupCallback(layers=["net.1"], input_key="x", target_key="label", seed=0)
+    with pytest.raises(ValueError, match=r"target_key='label' .*keys \['x', 'y'\]"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), DataLoader(data, batch_size=4))  # type: ignore[arg-type]
+
+
+def test_input_and_target_batch_sizes_must_agree() -> None:
+    def short_targets(samples: list[Any]) -> list[torch.Tensor]:
+        return [torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])[:-1]]
+
+    ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 4, (8,)))
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(ValueError, match=r"batch sizes differ: input has 4 rows, target has shape \(3,\)"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(
+            MLPClassifier(), DataLoader(ds, batch_size=4, collate_fn=short_targets)
+        )
+
+
+class Binarize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x > 0
+
+
+class BoolLayer(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Binarize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.gate(x).float())
+
+
+def test_a_layer_whose_output_holds_no_float_tensor_is_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["gate"], seed=0)
+    with pytest.raises(ValueError, match=r"layer 'gate' returned a torch\.bool tensor .*no floating"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(BoolLayer(), make_loader())
+
+
+class Unused(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = nn.ReLU()
+
+
+def test_a_chosen_layer_that_never_runs_is_an_error_not_a_silent_target_mix() -> None:
+    model = Unused()
+    cb = ManifoldMixupCallback(layers=["spare"], seed=0)
+    with pytest.raises(RuntimeError, match=r"layer 'spare' was chosen but did not run"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
+    assert cb.current is None
+    assert len(model.spare._forward_hooks) == 0
+
+
+def test_input_mixup_of_integer_inputs_is_refused() -> None:
+    ds = TensorDataset(torch.randint(0, 10, (8, 8)), torch.randint(0, 4, (8,)))
+
+    class Embed(MLPClassifier):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float())
+
+    cb = ManifoldMixupCallback(layers=["input"], seed=0)
+    with pytest.raises(ValueError, match=r"input mixup needs a floating-point input"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(Embed(), DataLoader(ds, batch_size=4))
+
+
+def test_integer_multi_column_targets_are_refused() -> None:
+    ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 2, (8, 4)))
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(ValueError, match=r"integer targets must be class labels of shape \(B,\)"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), DataLoader(ds, batch_size=4))
