@@ -350,7 +350,10 @@ class ManifoldMixupCallback(pl.Callback):
             ) from err
 
     def _set(self, batch: Any, key: int | str, value: Any) -> None:
-        if isinstance(batch, (MutableSequence, MutableMapping)):
+        if isinstance(batch, MutableMapping):
+            batch[key] = value
+            return
+        if isinstance(batch, MutableSequence) and isinstance(key, int):
             batch[key] = value
             return
         raise TypeError(

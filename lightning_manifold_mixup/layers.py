@@ -98,7 +98,11 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
 def _unwrap(module: nn.Module) -> nn.Module:
     while True:
         inner = next(
-            (getattr(module, s) for s in WRAPPER_SEGMENTS if isinstance(getattr(module, s, None), nn.Module)),
+            (
+                getattr(module, s)
+                for s in WRAPPER_SEGMENTS
+                if isinstance(getattr(module, s, None), nn.Module)
+            ),
             None,
         )
         if inner is None:
@@ -121,9 +125,7 @@ def _is_stage(module: nn.Module) -> bool:
 
 
 def _contains_sequence(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, (nn.Sequential, nn.ModuleList)) for m in _unwrap(module).modules()
-    )
+    return any(isinstance(m, (nn.Sequential, nn.ModuleList)) for m in _unwrap(module).modules())
 
 
 def _collect(module: nn.Module, prefix: str, in_sequence: bool, out: list[str]) -> None:
@@ -219,7 +221,9 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
             )
         return chosen
     if isinstance(layers, str):
-        raise TypeError(f"layers must be a list of names, not the string {layers!r}; write [{layers!r}]")
+        raise TypeError(
+            f"layers must be a list of names, not the string {layers!r}; write [{layers!r}]"
+        )
     if len(layers) == 0:
         raise ValueError(
             "layers is empty: give at least one layer name (e.g. ['input', 'net.layer1']) or "

@@ -33,7 +33,9 @@ def _no_autocast(device_type: str) -> torch.autocast:
 def pair_cross_entropy(
     logits: Tensor, target: MixedTarget, *, label_smoothing: float = 0.0
 ) -> Tensor:
-    """Cross-entropy against ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)`` without a (B, C) target.
+    """Cross-entropy against the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)``.
+
+    No ``(B, C)`` target matrix is built.
 
     Computes ``logsumexp(z) - lam * z[y_a] - (1 - lam) * z[y_b]`` per row (with label
     smoothing ``eps``: the gathered term scaled by ``1 - eps`` and ``eps * mean(z)`` subtracted),

@@ -106,11 +106,9 @@ class ManifoldMixupMixin:
             if num_classes < 2:
                 rank_zero_warn("train_acc needs at least 2 classes; only the loss is logged")
             self.train_loss_mean = MeanMetric().to(logits.device)
-            self.train_acc = (
-                MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro").to(
-                    logits.device
-                )
-            )
+            self.train_acc = MulticlassAccuracy(
+                num_classes=max(num_classes, 2), average="micro"
+            ).to(logits.device)
             self._mixup_metrics_ready = True
         self.train_loss_mean(loss.detach())
         self.train_acc(logits.detach(), dominant_class(target))

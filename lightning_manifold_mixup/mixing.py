@@ -139,10 +139,11 @@ def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[A
         mixed = {k: mix_nested(v, lam, index, batch_size) for k, v in obj.items()}
         out = dict(obj)
         out.update({k: v[0] for k, v in mixed.items()})
+        rebuilt: Any = out
         try:
-            rebuilt = type(obj)(out)  # keep OrderedDict, ModelOutput-like mappings
+            rebuilt = type(obj)(out)  # type: ignore[call-arg]  # OrderedDict, ModelOutput-like
         except TypeError:
-            rebuilt = out
+            pass
         return rebuilt, sum(v[1] for v in mixed.values())
     return obj, 0
 

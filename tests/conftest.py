@@ -59,8 +59,7 @@ def quiet_trainer(**kwargs: Any) -> L.Trainer:
 
 def hook_counts(model: nn.Module) -> dict[str, int]:
     return {
-        name: len(m._forward_hooks) + len(m._forward_pre_hooks)
-        for name, m in model.named_modules()
+        name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()
     }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import MLPClassifier, hook_counts, make_loader, quiet_trainer
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from lightning_manifold_mixup import ManifoldMixupCallback
 
 
 class Twin(MLPClassifier):

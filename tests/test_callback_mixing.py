@@ -102,9 +102,7 @@ def test_resnet_stage_boundary_mix_equals_hand_computation(lam_mode: str) -> Non
         y_b = y[4 * step : 4 * step + 4]
         eye = torch.eye(5)
         lam_col = d.lam.view(-1, 1) if lam_mode == "sample" else d.lam
-        torch.testing.assert_close(
-            rec["y"], lam_col * eye[y_b] + (1 - lam_col) * eye[y_b[d.index]]
-        )
+        torch.testing.assert_close(rec["y"], lam_col * eye[y_b] + (1 - lam_col) * eye[y_b[d.index]])
 
 
 @pytest.mark.parametrize("lam_mode", ["batch", "sample"])
@@ -120,9 +118,7 @@ def test_input_mixup_mixes_the_batch_input_and_targets(lam_mode: str) -> None:
         x_b, y_b = x[4 * step : 4 * step + 4], y[4 * step : 4 * step + 4]
         torch.testing.assert_close(rec["x"], _expected(x_b, d.lam, d.index))
         torch.testing.assert_close(rec["seen"], rec["x"])  # the first layer got the mixed input
-        torch.testing.assert_close(
-            rec["y"], _expected(torch.eye(3)[y_b], d.lam, d.index)
-        )
+        torch.testing.assert_close(rec["y"], _expected(torch.eye(3)[y_b], d.lam, d.index))
 
 
 class _MeanHead(nn.Module):

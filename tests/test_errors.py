@@ -57,7 +57,11 @@ class Counting(MLPClassifier):
     ("layers", "message"),
     [
         (["net.l"], r"unknown layer 'net\.l'"),
-        (["net.3", "net.12"], r"unknown layer 'net\.12'; did you mean .*'net\.1'.*Available: 'input', 'net', 'net\.0'"),
+        (
+            ["net.3", "net.12"],
+            r"unknown layer 'net\.12'; did you mean .*'net\.1'"
+            r".*Available: 'input', 'net', 'net\.0'",
+        ),
         (["head.*"], r"layer pattern 'head\.\*' matches no submodule"),
     ],
 )
@@ -122,7 +126,9 @@ def test_missing_dict_key_lists_the_keys() -> None:
     data = [{"x": torch.randn(8), "y": torch.tensor(1)} for _ in range(8)]
     cb = ManifoldMixupCallback(layers=["net.1"], input_key="x", target_key="label", seed=0)
     with pytest.raises(ValueError, match=r"target_key='label' .*keys \['x', 'y'\]"):
-        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), DataLoader(data, batch_size=4))  # type: ignore[arg-type]
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(
+            MLPClassifier(), DataLoader(data, batch_size=4)
+        )  # type: ignore[arg-type]
 
 
 def test_input_and_target_batch_sizes_must_agree() -> None:
@@ -131,7 +137,9 @@ def test_input_and_target_batch_sizes_must_agree() -> None:
 
     ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 4, (8,)))
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    with pytest.raises(ValueError, match=r"batch sizes differ: input has 4 rows, target has shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"batch sizes differ: input has 4 rows, target has shape \(3,\)"
+    ):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(
             MLPClassifier(), DataLoader(ds, batch_size=4, collate_fn=short_targets)
         )
@@ -153,7 +161,9 @@ class BoolLayer(MLPClassifier):
 
 def test_a_layer_whose_output_holds_no_float_tensor_is_refused() -> None:
     cb = ManifoldMixupCallback(layers=["gate"], seed=0)
-    with pytest.raises(ValueError, match=r"layer 'gate' returned a torch\.bool tensor .*no floating"):
+    with pytest.raises(
+        ValueError, match=r"layer 'gate' returned a torch\.bool tensor .*no floating"
+    ):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(BoolLayer(), make_loader())
 
 
@@ -188,4 +198,6 @@ def test_integer_multi_column_targets_are_refused() -> None:
     ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 2, (8, 4)))
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
     with pytest.raises(ValueError, match=r"integer targets must be class labels of shape \(B,\)"):
-        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), DataLoader(ds, batch_size=4))
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(
+            MLPClassifier(), DataLoader(ds, batch_size=4)
+        )

@@ -59,7 +59,9 @@ def test_transformer_auto_selection_picks_each_encoder_layer() -> None:
 
 
 def test_mlp_auto_selection_picks_hidden_activations() -> None:
-    model = Holder(nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2)))
+    model = Holder(
+        nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 2))
+    )
     assert candidate_layers(model) == ["net.1", "net.3"]
 
 
@@ -81,7 +83,9 @@ def test_names_and_patterns_resolve_in_order_without_duplicates() -> None:
 
 
 def test_unknown_name_suggests_close_matches_and_lists_available() -> None:
-    with pytest.raises(ValueError, match=r"unknown layer 'net\.layr1'; did you mean 'net\.layer1'") as err:
+    with pytest.raises(
+        ValueError, match=r"unknown layer 'net\.layr1'; did you mean 'net\.layer1'"
+    ) as err:
         resolve_layers(Holder(resnet18()), ["net.layr1"])
     assert "Available: 'input', 'net', 'net.conv1'" in str(err.value)
 

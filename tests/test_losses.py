@@ -61,7 +61,8 @@ def test_bce_softmax_equals_the_papers_criterion() -> None:
     pair = MixedTarget(y, y[index], torch.tensor(0.7))
     torch.testing.assert_close(bce_softmax_loss(logits, pair), expected)
     torch.testing.assert_close(
-        bce_softmax_loss(logits, y), torch.nn.BCELoss()(torch.softmax(logits, -1), F.one_hot(y, 5).float())
+        bce_softmax_loss(logits, y),
+        torch.nn.BCELoss()(torch.softmax(logits, -1), F.one_hot(y, 5).float()),
     )
 
 
