@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_manifold_mixup.layers import INPUT, named_layers, resolve_layers
+from lightning_manifold_mixup.mixin import find_num_classes
 from lightning_manifold_mixup.mixing import (
     LamMode,
     MixDecision,
@@ -143,7 +144,9 @@ class ManifoldMixupCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         self.eligible = resolve_layers(pl_module, self.layers)
-        self._resolved_classes = self._find_num_classes(pl_module)
+        self._resolved_classes = (
+            self.num_classes if self.num_classes is not None else find_num_classes(pl_module)
+        )
         if self._resolved_seed is None:
             self._resolved_seed = self._initial_seed(trainer)
         self._checked_labels = False
@@ -313,16 +316,6 @@ class ManifoldMixupCallback(pl.Callback):
                     "Fix num_classes or the dataset's labels."
                 )
         return mix_targets(y, decision.lam, decision.index, num_classes=num_classes)
-
-    def _find_num_classes(self, pl_module: pl.LightningModule) -> int | None:
-        if self.num_classes is not None:
-            return self.num_classes
-        value = getattr(pl_module, "num_classes", None)
-        if value is None:
-            hparams = getattr(pl_module, "hparams", None)
-            if isinstance(hparams, Mapping):
-                value = hparams.get("num_classes")
-        return int(value) if isinstance(value, int) else None
 
     def _initial_seed(self, trainer: pl.Trainer) -> int:
         if self.seed is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,6 +31,16 @@ def dominant_class(target: Target) -> Tensor:
     if target.is_floating_point():
         return target.argmax(dim=-1)
     return target
+
+
+def find_num_classes(module: object) -> int | None:
+    """``module.num_classes``, else ``module.hparams["num_classes"]``, else None."""
+    value = getattr(module, "num_classes", None)
+    if value is None:
+        hparams = getattr(module, "hparams", None)
+        if isinstance(hparams, Mapping):
+            value = hparams.get("num_classes")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class ManifoldMixupMixin:
@@ -100,16 +111,25 @@ class ManifoldMixupMixin:
         self._log_train_metrics(loss, logits, y)
         return loss
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # type: ignore[misc]
+        # Build the metrics outside training_step, so a compiled training_step does not trace
+        # their construction; the lazy path in _log_train_metrics covers unknown class counts.
+        num_classes = find_num_classes(self)
+        if stage == "fit" and num_classes is not None:
+            self._build_train_metrics(num_classes)
+
+    def _build_train_metrics(self, num_classes: int) -> None:
+        if num_classes < 2:
+            rank_zero_warn("train_acc needs at least 2 classes; it is measured over 2")
+        self.train_loss_mean = MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro")
+
     def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
-        if getattr(self, "_mixup_metrics_ready", False) is False:
-            num_classes = logits.shape[-1]
-            if num_classes < 2:
-                rank_zero_warn("train_acc needs at least 2 classes; only the loss is logged")
-            self.train_loss_mean = MeanMetric().to(logits.device)
-            self.train_acc = MulticlassAccuracy(
-                num_classes=max(num_classes, 2), average="micro"
-            ).to(logits.device)
-            self._mixup_metrics_ready = True
+        if not isinstance(getattr(self, "train_acc", None), MulticlassAccuracy):
+            self._build_train_metrics(logits.shape[-1])
+            self.train_loss_mean.to(logits.device)
+            self.train_acc.to(logits.device)
         self.train_loss_mean(loss.detach())
         self.train_acc(logits.detach(), dominant_class(target))
         log = self.log  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -140,10 +141,8 @@ def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[A
         out = dict(obj)
         out.update({k: v[0] for k, v in mixed.items()})
         rebuilt: Any = out
-        try:
-            rebuilt = type(obj)(out)  # type: ignore[call-arg]  # OrderedDict, ModelOutput-like
-        except TypeError:
-            pass
+        with contextlib.suppress(TypeError):  # keeps OrderedDict and ModelOutput-like types
+            rebuilt = type(obj)(out)  # type: ignore[call-arg]
         return rebuilt, sum(v[1] for v in mixed.values())
     return obj, 0
 

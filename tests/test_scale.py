@@ -1,0 +1,212 @@
+"""Precision, gradient accumulation, torch.compile, activation checkpointing, wrapped names."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
+
+from conftest import MLPClassifier, make_loader, quiet_trainer
+from lightning_manifold_mixup import ManifoldMixupCallback
+
+
+class Recording(MLPClassifier):
+    """Records the dtype the layer after the mixed one receives, the loss and the targets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen_dtypes: list[torch.dtype] = []
+        self.losses: list[torch.Tensor] = []
+        self.net[2].register_forward_pre_hook(
+            lambda m, args: self.seen_dtypes.append(args[0].dtype)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach())
+        return loss
+
+
+def _first_step_loss(precision: str, init: dict[str, torch.Tensor]) -> Recording:
+    model = Recording()
+    model.load_state_dict(init)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=4)
+    quiet_trainer(max_steps=1, precision=precision, callbacks=[cb]).fit(model, make_loader())
+    return model
+
+
+@pytest.mark.parametrize(
+    ("precision", "hidden_dtype", "tol"),
+    [
+        ("bf16-mixed", torch.bfloat16, 3e-2),
+        ("bf16-true", torch.bfloat16, 3e-2),
+        ("16-true", torch.float16, 5e-3),
+    ],
+)
+def test_low_precision_keeps_hidden_dtype_float32_loss_and_matches_float32(
+    precision: str, hidden_dtype: torch.dtype, tol: float
+) -> None:
+    init = copy.deepcopy(Recording().state_dict())
+    ref = _first_step_loss("32-true", init)
+    low = _first_step_loss(precision, init)
+    assert ref.seen_dtypes == [torch.float32]
+    assert low.seen_dtypes == [hidden_dtype]
+    assert low.losses[0].dtype == torch.float32
+    torch.testing.assert_close(low.losses[0], ref.losses[0], rtol=tol, atol=tol)
+
+
+def test_gradient_accumulation_mixes_every_micro_batch_and_logs_per_optimizer_step(
+    tmp_path: Any,
+) -> None:
+    decisions: list[Any] = []
+    cb = ManifoldMixupCallback(layers=["input", "net.1"], seed=0)
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            decisions.append(cb.current)
+
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    trainer = quiet_trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        callbacks=[Spy(), cb],
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    trainer.fit(MLPClassifier(), make_loader(n=128))
+    assert len(decisions) == 8 and trainer.global_step == 4
+    assert len({float(d.lam) for d in decisions}) == 8
+    lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    col = header.index("mixup/lam")
+    logged = [row.split(",")[col] for row in lines[1:] if row.split(",")[col]]
+    assert len(logged) == trainer.global_step
+
+
+class CompiledNet(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.compile(self.net, backend="eager")  # type: ignore[assignment]
+
+
+def _fresh_dynamo() -> None:
+    _fresh_dynamo()
+    counters.clear()
+
+
+def _unique_graphs() -> int:
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_submodule_mixes_like_the_hand_computation_with_bounded_graphs() -> None:
+    _fresh_dynamo()
+    records: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+
+    class Check(CompiledNet):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            decision = cb.current
+            inner = self.net._orig_mod  # type: ignore[union-attr]
+            cb.current = None
+            with torch.no_grad():
+                h1 = inner[1](inner[0](batch[0]))
+                if decision.layer == "net.1":
+                    h1 = decision.lam * h1 + (1 - decision.lam) * h1[decision.index]
+                h3 = inner[3](inner[2](h1))
+                if decision.layer == "net.3":
+                    h3 = decision.lam * h3 + (1 - decision.lam) * h3[decision.index]
+                expected = inner[4](h3)
+            cb.current = decision
+            logits = self(batch[0])
+            records.append((decision, logits.detach(), expected))
+            return self.mixup_loss(logits, batch[1])
+
+    quiet_trainer(max_steps=32, callbacks=[cb]).fit(Check(), make_loader(n=512))
+    assert len(records) == 32 and {r[0].layer for r in records} == {"net.1", "net.3"}
+    for _, got, expected in records:
+        torch.testing.assert_close(got, expected)
+    assert _unique_graphs() <= len(cb.eligible) + 1
+
+
+def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
+    _fresh_dynamo()
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+    mixed: list[bool] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            mixed.append(cb.current is not None and cb._calls == 1)
+
+    class LossOnly(MLPClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.mixup_loss(self(batch[0]), batch[1])
+
+    compiled = torch.compile(LossOnly(), backend="eager")
+    quiet_trainer(max_steps=32, callbacks=[Spy(), cb]).fit(compiled, make_loader(n=512))
+    assert mixed == [True] * 32
+    assert _unique_graphs() <= len(cb.eligible) + 1
+
+
+class Checkpointed(MLPClassifier):
+    """The mixed layer (net.1) sits inside a checkpointed segment."""
+
+    def __init__(self, use_checkpoint: bool) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def segment(h: torch.Tensor) -> torch.Tensor:
+            return self.net[2](self.net[1](self.net[0](h)))
+
+        h = checkpoint(segment, x, use_reentrant=False) if self.use_checkpoint else segment(x)
+        return self.net[4](self.net[3](h))
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.grads.append({n: p.grad.clone() for n, p in self.named_parameters()})
+
+
+def test_activation_checkpointing_gives_the_same_gradients() -> None:
+    init = copy.deepcopy(Checkpointed(False).state_dict())
+    runs = []
+    for use in (False, True):
+        model = Checkpointed(use)
+        model.load_state_dict(init)
+        cb = ManifoldMixupCallback(layers=["net.1"], seed=9)
+        quiet_trainer(max_steps=3, callbacks=[cb]).fit(model, make_loader())
+        runs.append(model.grads)
+    for plain, ckpt in zip(*runs, strict=True):
+        for name in plain:
+            torch.testing.assert_close(ckpt[name], plain[name])
+
+
+class FakeShardWrapper(nn.Module):
+    """Stands in for FSDP's wrapper: it holds the real module as `_fsdp_wrapped_module`."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fsdp_wrapped_module(x)
+
+
+def test_names_resolve_through_a_sharding_wrapper_and_its_output_is_mixed() -> None:
+    model = MLPClassifier()
+    model.net = FakeShardWrapper(model.net)  # type: ignore[assignment]
+    seen: list[Any] = []
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append((cb.current.layer, cb._calls))
+
+    quiet_trainer(max_steps=4, callbacks=[Spy(), cb]).fit(model, make_loader())
+    assert all(calls == 1 for _, calls in seen)
+    assert cb.eligible == ["net.1", "net.3"]
