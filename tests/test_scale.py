@@ -96,7 +96,7 @@ class CompiledNet(MLPClassifier):
 
 
 def _fresh_dynamo() -> None:
-    _fresh_dynamo()
+    torch._dynamo.reset()
     counters.clear()
 
 
