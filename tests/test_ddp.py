@@ -1,0 +1,132 @@
+"""Two-process DDP on the CPU (gloo, ddp_spawn): local mixing, distinct streams, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import MLPClassifier, make_loader, quiet_trainer
+from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup.losses import soft_cross_entropy
+
+LAYERS = ["input", "net.1", "net.3"]
+
+
+class RankRecorder(L.Callback):
+    """Saves, per rank and step, the raw local batch, the weights, the decision and the loss."""
+
+    def __init__(self, out: Path, tag: str) -> None:
+        self.out, self.tag = out, tag
+        self.rows: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, i: int) -> None:
+        self._pending = {
+            "x": batch[0].clone(),
+            "y": batch[1].clone(),
+            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+        }
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
+        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
+        d = mixup.current
+        assert d is not None
+        self._pending.update(
+            layer=d.layer, lam=d.lam.clone(), index=d.index.clone(), loss=outputs["loss"].detach()
+        )
+        self.rows.append(self._pending)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
+        assert mixup.current is None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        torch.save(self.rows, self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
+
+
+class ValidatingMLP(MLPClassifier):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", soft_cross_entropy(self(x), y), sync_dist=True)
+
+
+def _fit(out: Path, tag: str, max_steps: int, ckpt_every: int = 0, ckpt: str | None = None) -> None:
+    callbacks: list[L.Callback] = [
+        RankRecorder(out, tag),
+        ManifoldMixupCallback(layers=LAYERS, seed=11),
+    ]
+    if ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
+        )
+    trainer = quiet_trainer(
+        strategy="ddp_spawn",
+        devices=2,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        enable_checkpointing=bool(ckpt_every),
+        limit_val_batches=2,
+    )
+    trainer.fit(
+        ValidatingMLP(), make_loader(n=48, batch_size=4), make_loader(n=16, seed=1), ckpt_path=ckpt
+    )
+
+
+def _load(out: Path, tag: str) -> list[list[dict[str, Any]]]:
+    return [torch.load(out / f"{tag}_rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _draws(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[int]]]:
+    return [(r["layer"], float(r["lam"]), r["index"].tolist()) for r in rows]
+
+
+def _hand_loss(row: dict[str, Any]) -> torch.Tensor:
+    model = MLPClassifier()
+    model.load_state_dict(row["weights"])
+    lam, index = row["lam"], row["index"]
+    h = row["x"]
+    if row["layer"] == "input":
+        h = lam * h + (1 - lam) * h[index]
+    for i, module in enumerate(model.net):
+        h = module(h)
+        if row["layer"] == f"net.{i}":
+            h = lam * h + (1 - lam) * h[index]
+    target = lam * torch.eye(4)[row["y"]] + (1 - lam) * torch.eye(4)[row["y"][index]]
+    return -(target * torch.log_softmax(h, -1)).sum(-1).mean()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _fit(out, "full", max_steps=6, ckpt_every=6)
+    _fit(out, "first", max_steps=3, ckpt_every=3)
+    ckpt = str(next((out / "ckpt").glob("*step=3.ckpt")))
+    _fit(out, "rest", max_steps=6, ckpt=ckpt)
+    return out
+
+
+def test_each_rank_mixes_its_own_shard_with_its_own_stream(ddp_runs: Path) -> None:
+    rank0, rank1 = _load(ddp_runs, "full")
+    assert len(rank0) == len(rank1) == 6
+    assert _draws(rank0) != _draws(rank1)
+    for a, b in zip(rank0, rank1, strict=True):
+        assert not torch.equal(a["x"], b["x"])  # different shards
+        assert a["index"].shape == (4,)  # the permutation covers the local batch only
+
+
+def test_each_ranks_loss_matches_a_single_process_hand_computation(ddp_runs: Path) -> None:
+    for rows in _load(ddp_runs, "full"):
+        for row in rows:
+            torch.testing.assert_close(row["loss"], _hand_loss(row))
+
+
+def test_ddp_resume_continues_every_ranks_stream(ddp_runs: Path) -> None:
+    full, first, rest = (_load(ddp_runs, tag) for tag in ("full", "first", "rest"))
+    for rank in range(2):
+        assert _draws(first[rank]) == _draws(full[rank])[:3]
+        assert _draws(rest[rank]) == _draws(full[rank])[3:]
