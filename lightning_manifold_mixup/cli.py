@@ -1,0 +1,133 @@
+"""The ``lightning-manifold-mixup`` command line.
+
+``fit``/``validate``/``test``/``predict`` are LightningCLI (configure the callback in YAML or
+with ``--trainer.callbacks+=ManifoldMixupCallback``); ``compare``, ``flattening`` and
+``spirals`` run the paper-style experiments of :mod:`lightning_manifold_mixup.experiments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_manifold_mixup.callback import ManifoldMixupCallback
+from lightning_manifold_mixup.classifier import MixupClassifier
+
+__all__ = ["ManifoldMixupCallback", "MixupCLI", "main"]
+
+
+class MixupCLI(LightningCLI):
+    """LightningCLI for :class:`MixupClassifier` and any LightningDataModule."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def _seeds(text: str) -> list[int]:
+    """``"5"`` means seeds 0..4; ``"0,3,7"`` lists them."""
+    if "," in text:
+        return [int(s) for s in text.split(",") if s]
+    return list(range(int(text)))
+
+
+def _experiment_parser() -> argparse.ArgumentParser:
+    from lightning_manifold_mixup.experiments import METHODS, PRESETS
+
+    parser = argparse.ArgumentParser(prog="lightning-manifold-mixup")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cmp = sub.add_parser("compare", help="no mixup vs input mixup vs manifold mixup, over seeds")
+    cmp.add_argument("--dataset", default="mnist1d", choices=sorted(PRESETS))
+    cmp.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="count or comma list")
+    cmp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    cmp.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    cmp.add_argument("--alpha-input", type=float, default=None)
+    cmp.add_argument("--alpha-manifold", type=float, default=None)
+    cmp.add_argument("--fgsm-eps", type=float, default=0.1)
+    cmp.add_argument("--accelerator", default="cpu")
+    cmp.add_argument("--out", type=Path, default=None, help="write the raw results as JSON")
+
+    flat = sub.add_parser("flattening", help="per-class singular values of a hidden layer")
+    flat.add_argument("--dataset", default="mnist1d", choices=sorted(PRESETS))
+    flat.add_argument("--seeds", type=_seeds, default=[0])
+    flat.add_argument("--epochs", type=int, default=None)
+    flat.add_argument("--accelerator", default="cpu")
+    flat.add_argument("--out", type=Path, default=None, help="JSON results")
+    flat.add_argument("--plot", type=Path, default=None, help="PNG of the spectra")
+
+    spi = sub.add_parser("spirals", help="decision boundaries and a 2-D bottleneck (Figure 1)")
+    spi.add_argument("--epochs", type=int, default=None)
+    spi.add_argument("--seed", type=int, default=0)
+    spi.add_argument("--accelerator", default="cpu")
+    spi.add_argument("--out", type=Path, default=Path("spirals.png"))
+    return parser
+
+
+def run_experiment(argv: Sequence[str]) -> None:
+    from lightning_manifold_mixup import experiments as ex
+
+    args = _experiment_parser().parse_args(list(argv))
+    if args.command == "compare":
+        alphas = {
+            k: v
+            for k, v in (("input", args.alpha_input), ("manifold", args.alpha_manifold))
+            if v is not None
+        }
+        results = ex.compare(
+            args.dataset,
+            seeds=args.seeds,
+            methods=args.methods,
+            epochs=args.epochs,
+            fgsm_eps=args.fgsm_eps,
+            alphas=alphas,
+            accelerator=args.accelerator,
+        )
+        title = (
+            f"{args.dataset}: {len(args.seeds)} seed(s), mean ± std, "
+            f"FGSM eps={args.fgsm_eps} (inputs standardised)"
+        )
+        print(ex.format_table(results, title))
+        if args.out is not None:
+            args.out.write_text(json.dumps(results, indent=2))
+    elif args.command == "flattening":
+        flat = ex.flattening(
+            args.dataset, seeds=args.seeds, epochs=args.epochs, accelerator=args.accelerator
+        )
+        print(ex.format_flattening(flat, args.dataset))
+        if args.out is not None:
+            args.out.write_text(json.dumps(flat, indent=2))
+        if args.plot is not None:
+            ex.plot_spectra(flat, str(args.plot))
+    else:
+        errors = ex.spirals_figure(
+            str(args.out), epochs=args.epochs, seed=args.seed, accelerator=args.accelerator
+        )
+        print("spirals test error %: " + ", ".join(f"{k} {v:.2f}" for k, v in errors.items()))
+        print(f"figure written to {args.out}")
+
+
+EXPERIMENTS = ("compare", "flattening", "spirals")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in EXPERIMENTS:
+        run_experiment(args)
+        return
+    MixupCLI(
+        MixupClassifier,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=None if argv is None else args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

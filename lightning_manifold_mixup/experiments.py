@@ -1,0 +1,420 @@
+"""Paper-style experiments on built-in data: no mixup vs input mixup vs manifold mixup.
+
+Every function here trains real models with ``Trainer.fit`` and the callback; the CLI
+(``lightning-manifold-mixup compare|flattening|spirals``) calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_manifold_mixup.callback import ManifoldMixupCallback
+from lightning_manifold_mixup.classifier import MixupClassifier
+
+METHODS = ("none", "input", "manifold")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A dataset, its backbone and the training recipe used by ``compare``."""
+
+    datamodule: Callable[[int], L.LightningDataModule]
+    backbone: Callable[[], nn.Module]
+    num_classes: int
+    manifold_layers: tuple[str, ...]
+    epochs: int
+    lr: float
+    weight_decay: float = 1e-4
+    alphas: dict[str, float] = field(default_factory=lambda: {"input": 1.0, "manifold": 2.0})
+
+
+def _mnist1d(seed: int) -> L.LightningDataModule:
+    from lightning_manifold_mixup.data import MNIST1DDataModule
+
+    return MNIST1DDataModule(batch_size=128, seed=seed)
+
+
+def _digits(seed: int) -> L.LightningDataModule:
+    from lightning_manifold_mixup.data import DigitsDataModule
+
+    return DigitsDataModule(batch_size=64, seed=seed)
+
+
+def _spirals(seed: int) -> L.LightningDataModule:
+    from lightning_manifold_mixup.data import SpiralsDataModule
+
+    return SpiralsDataModule(batch_size=128, seed=seed)
+
+
+def _cnn1d() -> nn.Module:
+    from lightning_manifold_mixup.models import CNN1D
+
+    return CNN1D(num_classes=10)
+
+
+def _small_cnn() -> nn.Module:
+    from lightning_manifold_mixup.models import SmallCNN2D
+
+    return SmallCNN2D(num_classes=10)
+
+
+def _spiral_mlp() -> nn.Module:
+    from lightning_manifold_mixup.models import MLP
+
+    return MLP(2, 3, hidden=(64, 64), bottleneck=2, activation="tanh")
+
+
+PRESETS: dict[str, Preset] = {
+    "mnist1d": Preset(_mnist1d, _cnn1d, 10, ("input", "net.block1", "net.block2"), 30, 3e-3),
+    "digits": Preset(_digits, _small_cnn, 10, ("input", "net.block1", "net.block2"), 30, 3e-3),
+    "spirals": Preset(
+        _spirals,
+        _spiral_mlp,
+        3,
+        ("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
+        40,
+        1e-2,
+    ),
+}
+
+
+def fast_mode() -> bool:
+    """True when ``LMM_FAST=1``: notebooks and smoke tests shrink epochs and seeds."""
+    return os.environ.get("LMM_FAST", "") not in ("", "0")
+
+
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-fit info lines while many small runs go by."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def make_callback(
+    preset: Preset, method: str, seed: int, alpha: float | None = None
+) -> ManifoldMixupCallback | None:
+    """The callback for ``method`` (None for ``"none"``), seeded for reproducibility."""
+    if method == "none":
+        return None
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    layers = ["input"] if method == "input" else list(preset.manifold_layers)
+    a = alpha if alpha is not None else preset.alphas[method]
+    return ManifoldMixupCallback(layers=layers, alpha=a, seed=seed, log=False)
+
+
+def train(
+    dataset: str | Preset,
+    method: str,
+    seed: int,
+    *,
+    epochs: int | None = None,
+    alpha: float | None = None,
+    accelerator: str = "cpu",
+) -> tuple[MixupClassifier, L.LightningDataModule]:
+    """Train one model with ``Trainer.fit``; returns the trained model and its datamodule."""
+    preset = PRESETS[dataset] if isinstance(dataset, str) else dataset
+    L.seed_everything(seed, workers=True, verbose=False)
+    dm = preset.datamodule(seed)
+    model = MixupClassifier(
+        preset.backbone(),
+        preset.num_classes,
+        optimizer="adam",
+        lr=preset.lr,
+        weight_decay=preset.weight_decay,
+    )
+    cb = make_callback(preset, method, seed, alpha)
+    n_epochs = epochs if epochs is not None else preset.epochs
+    trainer = L.Trainer(
+        max_epochs=n_epochs,
+        accelerator=accelerator,
+        devices=1,
+        callbacks=[cb] if cb is not None else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    model.eval()
+    return model, dm
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, loader: DataLoader) -> tuple[Tensor, Tensor]:
+    outs, ys = [], []
+    for x, y in loader:
+        outs.append(model(x.to(_device(model))).float().cpu())
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def expected_calibration_error(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """ECE (L1, equal-width confidence bins), as torchmetrics' MulticlassCalibrationError."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(probs, y, num_classes=probs.shape[1], n_bins=n_bins))
+
+
+def fgsm_accuracy(model: nn.Module, loader: DataLoader, eps: float) -> float:
+    """Accuracy on FGSM examples ``x + eps * sign(grad_x CE)`` (Goodfellow et al. 2015)."""
+    correct = total = 0
+    device = _device(model)
+    for x, y in loader:
+        x = x.to(device).requires_grad_(True)
+        y = y.to(device)
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+        (grad,) = torch.autograd.grad(loss, x)
+        with torch.no_grad():
+            pred = model(x + eps * grad.sign()).argmax(1)
+        correct += int((pred == y).sum())
+        total += y.numel()
+    return correct / total
+
+
+def evaluate(model: nn.Module, dm: L.LightningDataModule, fgsm_eps: float) -> dict[str, float]:
+    """Test error %, NLL, ECE, FGSM accuracy % and validation error % of a trained model."""
+    logits, y = _logits(model, dm.test_dataloader())
+    val_logits, val_y = _logits(model, dm.val_dataloader())
+    return {
+        "test_err": 100.0 * float((logits.argmax(1) != y).float().mean()),
+        "test_nll": float(nn.functional.cross_entropy(logits, y)),
+        "test_ece": expected_calibration_error(torch.softmax(logits, 1), y),
+        "fgsm_acc": 100.0 * fgsm_accuracy(model, dm.test_dataloader(), fgsm_eps),
+        "val_err": 100.0 * float((val_logits.argmax(1) != val_y).float().mean()),
+    }
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def format_table(results: dict[str, list[dict[str, float]]], title: str) -> str:
+    """A Markdown table of mean ± std per method over seeds."""
+    cols = [
+        ("test_err", "test error %"),
+        ("test_nll", "test NLL"),
+        ("test_ece", "test ECE"),
+        ("fgsm_acc", "FGSM acc %"),
+        ("val_err", "val error %"),
+    ]
+    lines = [
+        f"{title}",
+        "",
+        "| method | " + " | ".join(name for _, name in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for method, runs in results.items():
+        cells = [_mean_std([r[key] for r in runs]) for key, _ in cols]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(
+    dataset: str = "mnist1d",
+    seeds: Sequence[int] = (0, 1, 2),
+    methods: Sequence[str] = METHODS,
+    epochs: int | None = None,
+    fgsm_eps: float = 0.1,
+    alphas: dict[str, float] | None = None,
+    accelerator: str = "cpu",
+    progress: bool = True,
+) -> dict[str, list[dict[str, float]]]:
+    """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts."""
+    from tqdm.auto import tqdm
+
+    if dataset not in PRESETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(PRESETS)}")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}; choose from {METHODS}")
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    jobs = [(m, s) for s in seeds for m in methods]
+    bar = tqdm(jobs, desc=f"compare {dataset}", disable=not progress, unit="run")
+    with quiet_lightning():
+        for method, seed in bar:
+            bar.set_postfix(method=method, seed=seed)
+            alpha = (alphas or {}).get(method)
+            model, dm = train(
+                dataset, method, seed, epochs=epochs, alpha=alpha, accelerator=accelerator
+            )
+            results[method].append(evaluate(model, dm, fgsm_eps))
+    return results
+
+
+def hidden_representation(model: nn.Module, layer: nn.Module, loader: DataLoader) -> Tensor:
+    """Concatenated ``(N, D)`` outputs of ``layer`` over ``loader`` (flattened per sample)."""
+    feats: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda m, a, out: feats.append(out.detach().flatten(1)))
+    try:
+        _logits(model, loader)
+    finally:
+        handle.remove()
+    return torch.cat(feats).cpu()
+
+
+def class_singular_values(h: Tensor, y: Tensor) -> dict[int, Tensor]:
+    """Singular values of each class's centred-free hidden matrix ``h[y == c]`` (paper §3.2)."""
+    return {int(c): torch.linalg.svdvals(h[y == c].double()).float() for c in y.unique()}
+
+
+def flattening(
+    dataset: str = "mnist1d",
+    seeds: Sequence[int] = (0,),
+    epochs: int | None = None,
+    accelerator: str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """Per-class singular values of the first hidden layer of an MLP, for each method.
+
+    Returns per method: ``non_leading`` (sum of all but the largest singular value, averaged
+    over classes and seeds), ``all_classes_non_leading`` (the same over all classes
+    together) and ``spectrum`` (mean per-class spectrum of the first seed, for plots).
+    """
+    from lightning_manifold_mixup.models import MLP
+
+    base = PRESETS[dataset]
+    in_features = {"mnist1d": 40, "digits": 64, "spirals": 2}[dataset]
+    preset = Preset(
+        base.datamodule,
+        lambda: MLP(in_features, base.num_classes, hidden=(256, 256)),
+        base.num_classes,
+        ("input", "net.layers.1", "net.layers.3"),
+        epochs if epochs is not None else base.epochs,
+        base.lr,
+        base.weight_decay,
+    )
+    out: dict[str, dict[str, Any]] = {}
+    with quiet_lightning():
+        for method in METHODS:
+            per_seed, together, spectrum = [], [], None
+            for seed in seeds:
+                model, dm = train(preset, method, seed, accelerator=accelerator)
+                dm.setup("fit")
+                loader = dm.train_dataloader()
+                h = hidden_representation(
+                    model, model.net.get_submodule("layers.1"), _ordered(loader)
+                )
+                y = torch.cat([b[1] for b in _ordered(loader)])
+                svs = class_singular_values(h, y)
+                per_seed.append(statistics.fmean(float(s[1:].sum()) for s in svs.values()))
+                together.append(float(torch.linalg.svdvals(h.double())[1:].sum()))
+                if spectrum is None:
+                    spectrum = torch.stack([s[:32] for s in svs.values()]).mean(0)
+            out[method] = {
+                "non_leading": per_seed,
+                "all_classes_non_leading": together,
+                "spectrum": spectrum.tolist() if spectrum is not None else [],
+            }
+    return out
+
+
+def _ordered(loader: DataLoader) -> DataLoader:
+    """The same dataset, unshuffled, so features and labels line up."""
+    return DataLoader(loader.dataset, batch_size=512, shuffle=False)
+
+
+def spirals_figure(
+    path: str,
+    epochs: int | None = None,
+    seed: int = 0,
+    accelerator: str = "cpu",
+) -> dict[str, float]:
+    """Paper Figure 1: input-space boundaries and the 2-D bottleneck for the three methods.
+
+    Writes a PNG to ``path``; returns the test error % per method.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    errors: dict[str, float] = {}
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8))
+    titles = {"none": "no mixup", "input": "input mixup", "manifold": "manifold mixup"}
+    with quiet_lightning():
+        for col, method in enumerate(METHODS):
+            model, dm = train("spirals", method, seed, epochs=epochs, accelerator=accelerator)
+            dm.setup("test")
+            test = dm.test_dataloader()
+            x = torch.cat([b[0] for b in test])
+            y = torch.cat([b[1] for b in test])
+            errors[method] = evaluate(model, dm, 0.0)["test_err"]
+            lim = float(x.abs().max()) * 1.1
+            grid = torch.linspace(-lim, lim, 200)
+            gx, gy = torch.meshgrid(grid, grid, indexing="xy")
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.stack([gx, gy], -1).reshape(-1, 2)), 1)
+            ax = axes[0, col]
+            ax.contourf(gx, gy, probs.argmax(1).reshape(200, 200), alpha=0.3, cmap="brg")
+            ax.contour(gx, gy, probs.max(1).values.reshape(200, 200), levels=[0.9], colors="k")
+            ax.scatter(x[:, 0], x[:, 1], c=y, s=3, cmap="brg")
+            ax.set_title(f"{titles[method]}: input space ({errors[method]:.1f}% err)")
+            h = hidden_representation(model, model.net.get_submodule("bottleneck"), _ordered(test))
+            axes[1, col].scatter(h[:, 0], h[:, 1], c=y, s=3, cmap="brg")
+            axes[1, col].set_title(f"{titles[method]}: 2-D bottleneck")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return errors
+
+
+def format_flattening(results: dict[str, dict[str, Any]], dataset: str) -> str:
+    """A Markdown table of the flattening measure per method."""
+    lines = [
+        f"{dataset}: first hidden layer of an MLP, sum of non-leading singular values",
+        "",
+        "| method | per class (mean over classes) | all classes together |",
+        "|---|---|---|",
+    ]
+    for method, r in results.items():
+        lines.append(
+            f"| {method} | {_mean_std(r['non_leading'])} | "
+            f"{_mean_std(r['all_classes_non_leading'])} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_spectra(results: dict[str, dict[str, Any]], path: str) -> None:
+    """Mean per-class singular value spectra, one line per method, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, r in results.items():
+        ax.plot(range(1, len(r["spectrum"]) + 1), r["spectrum"], marker=".", label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("singular value (mean over classes)")
+    ax.set_title("Per-class spectrum of the first hidden layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
