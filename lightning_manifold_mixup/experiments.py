@@ -76,7 +76,7 @@ def _spiral_mlp() -> nn.Module:
 
 
 PRESETS: dict[str, Preset] = {
-    "mnist1d": Preset(_mnist1d, _cnn1d, 10, ("input", "net.block1", "net.block2"), 30, 3e-3),
+    "mnist1d": Preset(_mnist1d, _cnn1d, 10, ("input", "net.block1", "net.block2"), 60, 3e-3),
     "digits": Preset(_digits, _small_cnn, 10, ("input", "net.block1", "net.block2"), 30, 3e-3),
     "spirals": Preset(
         _spirals,

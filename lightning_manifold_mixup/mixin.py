@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -113,6 +114,11 @@ class ManifoldMixupMixin:
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
+        # Lightning warns whenever a module overrides on_after_batch_transfer and a datamodule
+        # is used; here the module's hook is the intended one (it only turns tuples into lists).
+        warnings.filterwarnings(
+            "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but"
+        )
         # Build the metrics outside training_step, so a compiled training_step does not trace
         # their construction; the lazy path in _log_train_metrics covers unknown class counts.
         num_classes = find_num_classes(self)

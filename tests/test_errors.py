@@ -201,3 +201,9 @@ def test_integer_multi_column_targets_are_refused() -> None:
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(
             MLPClassifier(), DataLoader(ds, batch_size=4)
         )
+
+
+def test_two_mixup_callbacks_in_one_trainer_are_refused() -> None:
+    callbacks = [ManifoldMixupCallback(layers=["net.1"]), ManifoldMixupCallback(layers=["net.3"])]
+    with pytest.raises(MisconfigurationException, match="found 2 ManifoldMixupCallback instances"):
+        quiet_trainer(max_steps=1, callbacks=callbacks).fit(MLPClassifier(), make_loader())

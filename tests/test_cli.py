@@ -1,0 +1,91 @@
+"""The command line: every shipped config trains, the callback is configurable by flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup.classifier import MixupClassifier
+from lightning_manifold_mixup.cli import MixupCLI, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SHORT = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.precision=32-true",
+]
+OVERRIDES = {
+    "cifar10_preactresnet18.yaml": [
+        "--data.init_args.fake_data=true",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--model.backbone.init_args.width=8",
+    ],
+    "cifar100_preactresnet18.yaml": [
+        "--data.init_args.fake_data=true",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        "--model.backbone.init_args.width=8",
+    ],
+}
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_trains_two_steps_with_the_callback(config: str) -> None:
+    cli = MixupCLI(
+        MixupClassifier,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=["fit", "--config", str(CONFIGS / config), *SHORT, *OVERRIDES.get(config, [])],
+        save_config_kwargs={"overwrite": True},
+    )
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]
+    assert len(callbacks) == 1 and callbacks[0].eligible[0] == "input"
+    assert cli.trainer.global_step == 2
+    assert cli.model.num_classes == cli.datamodule.num_classes
+
+
+def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
+    cli = MixupCLI(
+        MixupClassifier,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=[
+            "fit",
+            "--data=lightning_manifold_mixup.data.SpiralsDataModule",
+            "--model.backbone=lightning_manifold_mixup.models.MLP",
+            "--model.backbone.in_features=2",
+            "--model.backbone.num_classes=3",
+            "--trainer.callbacks+=ManifoldMixupCallback",
+            "--trainer.callbacks.layers=[net.layers.1]",
+            "--trainer.callbacks.alpha=0.5",
+            f"--trainer.default_root_dir={tmp_path}",
+            *SHORT,
+        ],
+        save_config_kwargs={"overwrite": True},
+    )
+    added = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]
+    assert len(added) == 1
+    assert added[0].alpha == 0.5 and added[0].eligible == ["net.layers.1"]
+    assert cli.trainer.global_step == 2
+
+
+def test_compare_prints_a_table_for_every_method(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--dataset", "spirals", "--seeds", "1", "--epochs", "1"])
+    out = capsys.readouterr().out
+    for method in ("none", "input", "manifold"):
+        assert f"| {method} |" in out
+    assert "test error %" in out and "test ECE" in out and "FGSM acc %" in out
+
+
+def test_compare_rejects_an_unknown_dataset() -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--dataset", "imagenet"])
