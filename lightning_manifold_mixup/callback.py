@@ -138,12 +138,6 @@ class ManifoldMixupCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        mixups = [c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback)]  # type: ignore[attr-defined]
-        if len(mixups) > 1:
-            raise MisconfigurationException(
-                f"found {len(mixups)} ManifoldMixupCallback instances in the Trainer; use one "
-                "and list every layer in its `layers` (one layer is drawn per batch)"
-            )
         # Validate layer names before any training work (strategy setup, sanity check).
         resolve_layers(pl_module, self.layers)
 
