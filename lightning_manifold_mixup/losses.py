@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +30,51 @@ def _no_autocast(device_type: str) -> torch.autocast:
     return torch.autocast(device_type=device_type, enabled=False)
 
 
+class _PairCrossEntropy(torch.autograd.Function):
+    """Row mean of ``lse(z) - (1 - eps) * (lam * z[y_a] + (1 - lam) * z[y_b]) - eps * mean(z)``.
+
+    Written as a Function so the backward builds a single ``(B, C)`` tensor (the softmax, with the
+    target weights scattered into it in place), as fused class-index cross-entropy does.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, z: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, eps: float
+    ) -> Tensor:
+        lse = torch.logsumexp(z, dim=1)
+        z_a = z.gather(1, y_a.unsqueeze(1)).squeeze(1)
+        z_b = z.gather(1, y_b.unsqueeze(1)).squeeze(1)
+        loss = lse - (1.0 - eps) * (lam * z_a + (1.0 - lam) * z_b)
+        if eps:
+            loss = loss - eps * z.mean(dim=1)
+        ctx.save_for_backward(z, lse, y_a, y_b, lam)
+        ctx.eps = eps
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z, lse, y_a, y_b, lam = ctx.saved_tensors
+        eps = ctx.eps
+        batch, num_classes = z.shape
+        grad = torch.exp(z - lse.unsqueeze(1))
+        weight = (1.0 - eps) * lam.expand(batch).unsqueeze(1)
+        grad.scatter_add_(1, y_a.unsqueeze(1), -weight)
+        grad.scatter_add_(1, y_b.unsqueeze(1), weight - (1.0 - eps))
+        if eps:
+            grad.sub_(eps / num_classes)
+        grad.mul_(grad_out / batch)
+        return grad, None, None, None, None
+
+
 def pair_cross_entropy(
     logits: Tensor, target: MixedTarget, *, label_smoothing: float = 0.0
 ) -> Tensor:
     """Cross-entropy against the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)``.
 
-    No ``(B, C)`` target matrix is built.
-
-    Computes ``logsumexp(z) - lam * z[y_a] - (1 - lam) * z[y_b]`` per row (with label
-    smoothing ``eps``: the gathered term scaled by ``1 - eps`` and ``eps * mean(z)`` subtracted),
-    averaged over the batch.
+    No ``(B, C)`` target matrix is built: per row the loss is
+    ``logsumexp(z) - lam * z[y_a] - (1 - lam) * z[y_b]`` (with label smoothing ``eps``: the
+    gathered term scaled by ``1 - eps`` and ``eps * mean(z)`` subtracted), averaged over the
+    batch. Equal in value and gradient to :func:`soft_cross_entropy` on the soft target.
 
     Args:
         logits: ``(B, C)``.
@@ -48,13 +83,8 @@ def pair_cross_entropy(
     with _no_autocast(logits.device.type):
         z = logits.float()
         lam = target.lam.to(device=z.device, dtype=torch.float32)
-        z_a = z.gather(1, target.y_a.unsqueeze(1)).squeeze(1)
-        z_b = z.gather(1, target.y_b.unsqueeze(1)).squeeze(1)
-        picked = lam * z_a + (1.0 - lam) * z_b
-        loss = torch.logsumexp(z, dim=1) - (1.0 - label_smoothing) * picked
-        if label_smoothing:
-            loss = loss - label_smoothing * z.mean(dim=1)
-        return loss.mean()
+        out: Tensor = _PairCrossEntropy.apply(z, target.y_a, target.y_b, lam, label_smoothing)
+        return out
 
 
 def soft_cross_entropy(logits: Tensor, target: Target, *, label_smoothing: float = 0.0) -> Tensor:

@@ -39,12 +39,19 @@ OVERRIDES = {
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_config_trains_two_steps_with_the_callback(config: str) -> None:
+def test_every_config_trains_two_steps_with_the_callback(config: str, tmp_path: Path) -> None:
     cli = MixupCLI(
         MixupClassifier,
         L.LightningDataModule,
         subclass_mode_data=True,
-        args=["fit", "--config", str(CONFIGS / config), *SHORT, *OVERRIDES.get(config, [])],
+        args=[
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            f"--trainer.default_root_dir={tmp_path}",
+            *SHORT,
+            *OVERRIDES.get(config, []),
+        ],
         save_config_kwargs={"overwrite": True},
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]

@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: timing, machine description, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_manifold_mixup import ManifoldMixupCallback
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(
+    variants: dict[str, Callable[[], None]],
+    device: torch.device,
+    *,
+    warmup: int,
+    rounds: int,
+    steps: int,
+) -> dict[str, float]:
+    """Median seconds per call of each variant, timed in alternating blocks of ``steps``.
+
+    Interleaving spreads slow drifts of the machine (thermal, other processes) over every
+    variant instead of the one that happened to run last.
+    """
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class ManualDriver:
+    """Drives ``ManifoldMixupCallback`` through its Lightning hooks without a Trainer.
+
+    This is the callback's real per-batch code path (decision, target rewrite, forward hook,
+    checks), minus Lightning's own loop, so the ratios isolate what the callback adds.
+    """
+
+    def __init__(self, callback: ManifoldMixupCallback, module: L.LightningModule) -> None:
+        self.cb, self.module = callback, module
+        self.trainer = SimpleNamespace(global_rank=0, strategy=None)
+        callback.on_fit_start(self.trainer, module)  # type: ignore[arg-type]
+
+    def start(self, batch: list[Any]) -> None:
+        self.cb.on_train_batch_start(self.trainer, self.module, batch, 0)  # type: ignore[arg-type]
+
+    def end(self, batch: list[Any]) -> None:
+        self.cb.on_train_batch_end(self.trainer, self.module, None, batch, 0)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.cb.teardown(self.trainer, self.module, "fit")  # type: ignore[arg-type]
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    out = Path(os.environ.get("LMM_BENCH_OUT", "benchmarks/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2))
+    return path
