@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine, write_json  # noqa: E402
+from _common import interleaved_medians, machine, write_json
 
-from lightning_manifold_mixup import MixedTarget, one_hot_mix  # noqa: E402
-from lightning_manifold_mixup.losses import pair_cross_entropy, soft_cross_entropy  # noqa: E402
+from lightning_manifold_mixup import MixedTarget, one_hot_mix
+from lightning_manifold_mixup.losses import pair_cross_entropy, soft_cross_entropy
 
 
 def variants(b: int, c: int, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -78,7 +78,8 @@ def main() -> None:
     out: dict[str, Any] = {"machine": machine(), "args": vars(args), "cases": {}}
     print(f"machine: {out['machine']}")
     print(
-        "| C | plain ms | soft ms | pair ms | soft/plain | pair/plain | plain MB | soft MB | pair MB |"
+        "| C | plain ms | soft ms | pair ms | soft/plain | pair/plain "
+        "| plain MB | soft MB | pair MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for c in args.classes:

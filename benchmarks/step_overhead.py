@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ManualDriver, interleaved_medians, machine, write_json  # noqa: E402
+from _common import ManualDriver, interleaved_medians, machine, write_json
 
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin  # noqa: E402
-from lightning_manifold_mixup.models import MLP, PreActResNet18  # noqa: E402
+from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from lightning_manifold_mixup.models import MLP, PreActResNet18
 
 
 class Holder(ManifoldMixupMixin, L.LightningModule):

@@ -207,6 +207,6 @@ def test_two_mixup_callbacks_in_one_trainer_are_refused() -> None:
     callbacks = [ManifoldMixupCallback(layers=["net.1"]), ManifoldMixupCallback(layers=["net.3"])]
     # Lightning refuses this when the Trainer is built, before any data is touched.
     with pytest.raises(
-        RuntimeError, match="more than one stateful callback .*ManifoldMixupCallback"
+        RuntimeError, match=r"more than one stateful callback .*ManifoldMixupCallback"
     ):
         quiet_trainer(max_steps=1, callbacks=callbacks)
