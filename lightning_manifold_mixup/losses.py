@@ -38,9 +38,7 @@ class _PairCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, z: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, eps: float
-    ) -> Tensor:
+    def forward(ctx: Any, z: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, eps: float) -> Tensor:
         lse = torch.logsumexp(z, dim=1)
         z_a = z.gather(1, y_a.unsqueeze(1)).squeeze(1)
         z_b = z.gather(1, y_b.unsqueeze(1)).squeeze(1)
@@ -52,7 +50,7 @@ class _PairCrossEntropy(torch.autograd.Function):
         return loss.mean()
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         z, lse, y_a, y_b, lam = ctx.saved_tensors
         eps = ctx.eps
         batch, num_classes = z.shape
