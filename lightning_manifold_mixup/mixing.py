@@ -89,14 +89,12 @@ def sample_decision(
     return k, np.asarray(lam, dtype=np.float32), index
 
 
-def _lam_like(lam: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """``lam`` and ``1 - lam`` in ``h``'s dtype and device, shaped to broadcast over ``h``."""
+def _lam_like(lam: Tensor, h: Tensor) -> Tensor:
+    """``lam`` on ``h``'s device, shaped to broadcast over ``h`` (still float32)."""
     lam = lam.to(device=h.device)
     if lam.ndim == 1:
         lam = lam.view(lam.shape[0], *([1] * (h.ndim - 1)))
-    # Both weights are rounded from float32 separately so neither inherits the other's
-    # rounding error in half precision.
-    return lam.to(h.dtype), (1.0 - lam).to(h.dtype)
+    return lam
 
 
 def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
@@ -109,12 +107,18 @@ def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
         index: ``(B,)`` int64 permutation.
 
     Returns:
-        A tensor with the shape, dtype and device of ``h``.
+        A tensor with the shape, dtype and device of ``h``. In float32/float64 it is the
+        formula above, operation for operation. In float16/bfloat16 it is ``torch.lerp``, which
+        evaluates the same convex combination in float32 internally (with lam rounded to
+        ``h``'s dtype), so two values near the dtype's maximum never overflow to inf.
     """
     if not h.is_floating_point():
         raise TypeError(f"cannot mix a tensor of dtype {h.dtype}: mixing needs floating point")
-    lam_a, lam_b = _lam_like(lam, h)
-    return h * lam_a + h[index.to(h.device)] * lam_b
+    lam = _lam_like(lam, h)
+    partner = h[index.to(h.device)]
+    if h.element_size() < 4:
+        return torch.lerp(partner, h, lam.to(h.dtype))
+    return h * lam.to(h.dtype) + partner * (1.0 - lam).to(h.dtype)
 
 
 def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[Any, int]:

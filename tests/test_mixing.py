@@ -153,3 +153,14 @@ def test_sample_decision_follows_beta_and_probability() -> None:
     assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.05) < 0.006
     layers = np.bincount([d[0] for d in mixed], minlength=3) / len(mixed)
     assert np.all(np.abs(layers - 1 / 3) < 0.04)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_mixing_of_values_near_the_maximum_stays_finite(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max
+    h = torch.tensor([[big, -big], [big, -big], [-big, big]], dtype=dtype)
+    index = torch.tensor([1, 0, 0])
+    for lam in torch.linspace(0, 1, 101):
+        out = mix_tensor(h, lam, index)
+        assert torch.isfinite(out).all(), float(lam)
+        assert out.dtype == dtype
