@@ -110,7 +110,8 @@ def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
         A tensor with the shape, dtype and device of ``h``. In float32/float64 it is the
         formula above, operation for operation. In float16/bfloat16 it is ``torch.lerp``, which
         evaluates the same convex combination in float32 internally (with lam rounded to
-        ``h``'s dtype), so two values near the dtype's maximum never overflow to inf.
+        ``h``'s dtype): float16 values up to the float16 maximum never overflow to inf, which the
+        formula in float16 can do when the two rounded weights sum to slightly more than 1.
     """
     if not h.is_floating_point():
         raise TypeError(f"cannot mix a tensor of dtype {h.dtype}: mixing needs floating point")
