@@ -120,6 +120,7 @@ class ManifoldMixupCallback(pl.Callback):
         self.eligible: list[str] = []
         self._step = 0
         self._resolved_seed: int | None = None
+        self._restored = False
         self._resolved_classes: int | None = None
         self._handles: list[RemovableHandle] = []
         self._calls = 0
@@ -245,8 +246,28 @@ class ManifoldMixupCallback(pl.Callback):
         return {"version": _STATE_VERSION, "seed": self._resolved_seed, "step": self._step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resolved_seed = state_dict["seed"]
+        version = state_dict.get("version")
+        if version != _STATE_VERSION or not {"seed", "step"} <= state_dict.keys():
+            raise ValueError(
+                f"ManifoldMixupCallback cannot read checkpoint state {state_dict!r}: expected "
+                f"version {_STATE_VERSION} with 'seed' and 'step'. Resume with the package "
+                "version that wrote the checkpoint, or start a new run."
+            )
+        self._resolved_seed = int(state_dict["seed"])
         self._step = int(state_dict["step"])
+        self._restored = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after every restore path (FSDP and DeepSpeed restore after on_fit_start).
+        if trainer.ckpt_path is not None and not self._restored:
+            self._step = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            rank_zero_warn(
+                f"ManifoldMixupCallback: the checkpoint {trainer.ckpt_path} holds no mixup state "
+                "(it was written without this callback). Mixing starts here with seed "
+                f"{self._resolved_seed} at batch {self._step}; an uninterrupted run with the "
+                "callback would have drawn differently before this point."
+            )
+        self._restored = False
 
     # ------------------------------------------------------------------ internals
     def _make_hook(self, name: str) -> Any:

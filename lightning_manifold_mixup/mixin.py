@@ -122,8 +122,12 @@ class ManifoldMixupMixin:
         # Build the metrics outside training_step, so a compiled training_step does not trace
         # their construction; the lazy path in _log_train_metrics covers unknown class counts.
         num_classes = find_num_classes(self)
-        if stage == "fit" and num_classes is not None:
+        if stage == "fit" and num_classes is not None and not self._has_train_metrics():
             self._build_train_metrics(num_classes)
+
+    def _has_train_metrics(self) -> bool:
+        # Rebuilding on a second fit would orphan the objects Lightning has already logged.
+        return isinstance(getattr(self, "train_acc", None), MulticlassAccuracy)
 
     def _build_train_metrics(self, num_classes: int) -> None:
         if num_classes < 2:
@@ -132,7 +136,7 @@ class ManifoldMixupMixin:
         self.train_acc = MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro")
 
     def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
-        if not isinstance(getattr(self, "train_acc", None), MulticlassAccuracy):
+        if not self._has_train_metrics():
             self._build_train_metrics(logits.shape[-1])
             self.train_loss_mean.to(logits.device)
             self.train_acc.to(logits.device)
