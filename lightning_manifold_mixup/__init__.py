@@ -8,10 +8,13 @@ from lightning_manifold_mixup.losses import (
     pair_cross_entropy,
     soft_cross_entropy,
 )
-from lightning_manifold_mixup.mixin import ManifoldMixupMixin, dominant_class
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, dominant_class, mixed_accuracy
 from lightning_manifold_mixup.mixing import (
     MixDecision,
     MixedTarget,
+    cutmix_box,
+    cutmix_lam,
+    cutmix_tensor,
     mix_nested,
     mix_targets,
     mix_tensor,
@@ -28,10 +31,14 @@ __all__ = [
     "MixedTarget",
     "bce_softmax_loss",
     "candidate_layers",
+    "cutmix_box",
+    "cutmix_lam",
+    "cutmix_tensor",
     "dominant_class",
     "mix_nested",
     "mix_targets",
     "mix_tensor",
+    "mixed_accuracy",
     "mixup_loss",
     "normalize_name",
     "one_hot_mix",

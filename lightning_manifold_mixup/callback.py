@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
@@ -20,12 +21,19 @@ from lightning_manifold_mixup.mixin import find_num_classes
 from lightning_manifold_mixup.mixing import (
     LamMode,
     MixDecision,
+    MixedTarget,
+    cutmix_box,
+    cutmix_lam,
+    cutmix_tensor,
     mix_nested,
     mix_targets,
     sample_decision,
 )
 
 TargetMode = Literal["soft", "pair"]
+LamTransform = Literal["none", "max"]
+AlphaSchedule = Literal["constant", "linear", "cosine"]
+_LAM_BINS = 10
 _STATE_VERSION = 1
 
 
@@ -57,6 +65,18 @@ class ManifoldMixupCallback(pl.Callback):
         targets: ``"soft"`` rewrites integer labels to ``(B, C)`` soft targets; ``"pair"``
             to a :class:`~lightning_manifold_mixup.mixing.MixedTarget` ``(y_a, y_b, lam)``,
             which :meth:`ManifoldMixupMixin.mixup_loss` consumes without a ``(B, C)`` matrix.
+        layer_weights: sampling weights, one per resolved eligible layer (normalized); None
+            for the uniform choice of the paper.
+        lam_transform: ``"max"`` replaces lam by ``max(lam, 1 - lam)`` so the first sample
+            dominates.
+        fixed_lam: use this lam for every mixed batch (ablations); None draws from Beta.
+        alpha_schedule: ``"constant"``, or ``"linear"``/``"cosine"`` decay of alpha to 0 over
+            the run's optimizer steps (``trainer.estimated_stepping_batches``).
+        warmup_steps: ramp alpha linearly from 0 over the first optimizer steps.
+        stop_epoch: from this epoch on no batch is mixed (mixing off at the end of training).
+        cutmix_prob: chance that a mixed batch pastes a box from the partner sample instead of
+            blending (CutMix on the input, PatchUp-style on hidden ``(B, C, H, W)`` states); lam
+            is then the kept area fraction, and the targets use that lam.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -77,6 +97,13 @@ class ManifoldMixupCallback(pl.Callback):
         seed: int | None = None,
         log: bool = True,
         targets: TargetMode = "soft",
+        layer_weights: Sequence[float] | None = None,
+        lam_transform: LamTransform = "none",
+        fixed_lam: float | None = None,
+        alpha_schedule: AlphaSchedule = "constant",
+        warmup_steps: int = 0,
+        stop_epoch: int | None = None,
+        cutmix_prob: float = 0.0,
     ) -> None:
         super().__init__()
         problems: list[str] = []
@@ -101,6 +128,28 @@ class ManifoldMixupCallback(pl.Callback):
                 problems.append(f"{key_name} must be an int or a str, got {key!r}")
         if input_key == target_key:
             problems.append(f"input_key and target_key are both {input_key!r}")
+        if layer_weights is not None and (
+            len(layer_weights) == 0 or any(w < 0 for w in layer_weights) or sum(layer_weights) <= 0
+        ):
+            problems.append(
+                f"layer_weights must be non-negative with a positive sum, got {layer_weights!r}"
+            )
+        if lam_transform not in ("none", "max"):
+            problems.append(f"lam_transform must be 'none' or 'max', got {lam_transform!r}")
+        if fixed_lam is not None and not 0.0 <= fixed_lam <= 1.0:
+            problems.append(f"fixed_lam must be in [0, 1] or None, got {fixed_lam!r}")
+        if alpha_schedule not in ("constant", "linear", "cosine"):
+            problems.append(
+                f"alpha_schedule must be 'constant', 'linear' or 'cosine', got {alpha_schedule!r}"
+            )
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            problems.append(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if stop_epoch is not None and (not isinstance(stop_epoch, int) or stop_epoch < 0):
+            problems.append(f"stop_epoch must be an integer >= 0 or None, got {stop_epoch!r}")
+        if not isinstance(cutmix_prob, (int, float)) or not 0.0 <= cutmix_prob <= 1.0:
+            problems.append(f"cutmix_prob must be in [0, 1], got {cutmix_prob!r}")
+        elif cutmix_prob > 0 and lam_mode == "sample":
+            problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
 
@@ -115,6 +164,14 @@ class ManifoldMixupCallback(pl.Callback):
         # Lightning assigns `callback.log = pl_module.log` at fit start, so the flag lives here.
         self.log_mixing = log
         self.targets: TargetMode = targets
+        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
+        self.lam_transform: LamTransform = lam_transform
+        self.fixed_lam = fixed_lam
+        self.alpha_schedule: AlphaSchedule = alpha_schedule
+        self.warmup_steps = warmup_steps
+        self.stop_epoch = stop_epoch
+        self.cutmix_prob = float(cutmix_prob)
+        self.summary: dict[str, Any] = {}
 
         self.current: MixDecision | None = None
         self.eligible: list[str] = []
@@ -124,6 +181,11 @@ class ManifoldMixupCallback(pl.Callback):
         self._resolved_classes: int | None = None
         self._handles: list[RemovableHandle] = []
         self._calls = 0
+        self._counts: dict[str, Any] = {"layers": [], "lam": [0] * _LAM_BINS, "unmixed": 0}
+        self._weights: np.ndarray | None = None
+        self._target: Any = None
+        self._original_target: Any = None
+        self._box_lam = 1.0
         self._checked_labels = False
         self._warned_repeat: set[str] = set()
 
@@ -152,6 +214,17 @@ class ManifoldMixupCallback(pl.Callback):
             self._resolved_seed = self._initial_seed(trainer)
         self._checked_labels = False
         self._warned_repeat = set()
+        self._weights = self._layer_weight_array()
+        if self.alpha_schedule != "constant" and not np.isfinite(
+            trainer.estimated_stepping_batches
+        ):
+            raise MisconfigurationException(
+                f"alpha_schedule={self.alpha_schedule!r} needs a finite run length: set "
+                "max_epochs or max_steps on the Trainer, or use alpha_schedule='constant'"
+            )
+        self._counts = {"layers": [0] * len(self.eligible), "lam": [0] * _LAM_BINS, "unmixed": 0}
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"mixup": self.hparams()})
         modules = named_layers(pl_module)
         for name in self.eligible:
             if name == INPUT:
@@ -161,6 +234,39 @@ class ManifoldMixupCallback(pl.Callback):
             f"ManifoldMixupCallback: mixing at {self.eligible} with alpha={self.alpha}, "
             f"probability={self.probability}, lam_mode={self.lam_mode!r}"
         )
+
+    def hparams(self) -> dict[str, Any]:
+        """Every argument and the resolved layers, for loggers and run records."""
+        return {
+            "layers": list(self.eligible) if self.eligible else self.layers,
+            "alpha": self.alpha,
+            "probability": self.probability,
+            "lam_mode": self.lam_mode,
+            "num_classes": self.num_classes,
+            "seed": self._resolved_seed if self._resolved_seed is not None else self.seed,
+            "targets": self.targets,
+            "layer_weights": self.layer_weights,
+            "lam_transform": self.lam_transform,
+            "fixed_lam": self.fixed_lam,
+            "alpha_schedule": self.alpha_schedule,
+            "warmup_steps": self.warmup_steps,
+            "stop_epoch": self.stop_epoch,
+            "cutmix_prob": self.cutmix_prob,
+        }
+
+    def alpha_at(self, trainer: pl.Trainer) -> float:
+        """The alpha used for the current batch (schedule, warmup and stop_epoch applied)."""
+        if self.stop_epoch is not None and trainer.current_epoch >= self.stop_epoch:
+            return 0.0
+        scale = 1.0
+        if self.alpha_schedule != "constant":
+            progress = min(trainer.global_step / max(trainer.estimated_stepping_batches, 1), 1.0)
+            scale = 1.0 - progress
+            if self.alpha_schedule == "cosine":
+                scale = 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.warmup_steps:
+            scale *= min(1.0, (trainer.global_step + 1) / self.warmup_steps)
+        return self.alpha * scale
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -178,39 +284,65 @@ class ManifoldMixupCallback(pl.Callback):
                 f"has shape {tuple(y.shape)}. Check input_key={self.input_key!r} and "
                 f"target_key={self.target_key!r}."
             )
-        drawn = sample_decision(
+        draw = sample_decision(
             rng,
             batch_size=batch_size,
             num_layers=len(self.eligible),
-            alpha=self.alpha,
+            alpha=self.alpha_at(trainer),
             probability=self.probability,
             lam_mode=self.lam_mode,
+            layer_weights=self._weights,
+            cutmix_prob=self.cutmix_prob,
         )
-        if drawn is None:
+        if draw is None:
+            self._counts["unmixed"] += 1
             return
-        k, lam_np, index_np = drawn
-        device = y.device
-        lam = torch.from_numpy(lam_np).to(device, non_blocking=True)
-        index = torch.from_numpy(index_np).to(device, non_blocking=True)
-        decision = MixDecision(self.eligible[k], k, lam, index)
-
-        new_target = self._mix_target(y, decision)
-        if decision.layer == INPUT:
-            mixed, count = mix_nested(x, lam, index, batch_size)
-            if count == 0:
+        lam_np = draw.lam
+        if self.fixed_lam is not None:
+            lam_np = np.full_like(lam_np, self.fixed_lam)
+        if self.lam_transform == "max":
+            lam_np = np.maximum(lam_np, 1.0 - lam_np)
+        layer = self.eligible[draw.layer]
+        box_center = draw.box_center if draw.cutmix else None
+        # Batch lam before any area correction: the box size derives from it.
+        self._box_lam = float(lam_np) if box_center is not None else 1.0
+        if box_center is not None and layer == INPUT:
+            if not isinstance(x, Tensor) or x.ndim < 3:
                 raise ValueError(
-                    f"input mixup needs a floating-point input at input_key={self.input_key!r}, "
-                    f"got {_describe(x)}. Remove 'input' from layers for integer inputs "
-                    "(token ids) and mix a hidden layer instead."
+                    f"CutMix on the input needs a (B, C, H, W) tensor, got {_describe(x)}; set "
+                    "cutmix_prob=0 or remove 'input' from layers"
                 )
+            box = cutmix_box(x.shape[-2], x.shape[-1], self._box_lam, box_center)
+            lam_np = np.asarray(cutmix_lam(x.shape[-2], x.shape[-1], box), dtype=np.float32)
+        device = y.device
+        lam = torch.as_tensor(lam_np, dtype=torch.float32).to(device, non_blocking=True)
+        index = torch.from_numpy(draw.perm).to(device, non_blocking=True)
+        decision = MixDecision(layer, draw.layer, lam, index, box_center)
+
+        self._original_target = y
+        new_target = self._mix_target(y, decision)
+        if layer == INPUT:
+            if box_center is not None:
+                mixed: Any = cutmix_tensor(x, index, box)
+            else:
+                mixed, count = mix_nested(x, lam, index, batch_size)
+                if count == 0:
+                    raise ValueError(
+                        "input mixup needs a floating-point input at "
+                        f"input_key={self.input_key!r}, got {_describe(x)}. Remove 'input' from "
+                        "layers for integer inputs (token ids) and mix a hidden layer instead."
+                    )
             self._set(batch, self.input_key, mixed)
         self._set(batch, self.target_key, new_target)
+        self._target = new_target
         self._calls = 0
         self.current = decision
+        self._counts["layers"][draw.layer] += 1
+        lam_mean = float(lam_np.mean())
+        self._counts["lam"][min(int(lam_mean * _LAM_BINS), _LAM_BINS - 1)] += 1
         if self.log_mixing:
-            lam_value = float(lam_np.mean())
-            pl_module.log("mixup/lam", lam_value, on_step=True, on_epoch=False)
-            pl_module.log("mixup/layer", float(k), on_step=True, on_epoch=False)
+            pl_module.log("mixup/lam", lam_mean, on_step=True, on_epoch=False)
+            pl_module.log("mixup/layer", float(draw.layer), on_step=True, on_epoch=False)
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -232,6 +364,16 @@ class ManifoldMixupCallback(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        counts = self._counts
+        self.summary = {
+            "layers": dict(zip(self.eligible, counts["layers"], strict=True)),
+            "lam_histogram": {
+                f"{i / _LAM_BINS:.1f}-{(i + 1) / _LAM_BINS:.1f}": n
+                for i, n in enumerate(counts["lam"])
+            },
+            "unmixed_batches": counts["unmixed"],
+        }
+        rank_zero_info(f"ManifoldMixupCallback (rank 0) summary: {self.summary}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -283,6 +425,8 @@ class ManifoldMixupCallback(pl.Callback):
                     "step (weight sharing, recurrence or activation checkpointing). Every run "
                     "gets the same mix; pick a layer that runs once if that is not intended."
                 )
+            if decision.box_center is not None:
+                return self._cutmix_hidden(name, output, decision)
             batch_size = decision.index.shape[0]
             mixed, count = mix_nested(output, decision.lam, decision.index, batch_size)
             if count == 0:
@@ -294,6 +438,29 @@ class ManifoldMixupCallback(pl.Callback):
             return mixed
 
         return hook
+
+    def _cutmix_hidden(self, name: str, output: Any, decision: MixDecision) -> Tensor:
+        if not isinstance(output, Tensor) or output.ndim < 3:
+            raise ValueError(
+                f"CutMix at layer {name!r} needs a (B, C, H, W) tensor output, got "
+                f"{_describe(output)}; set cutmix_prob=0 or choose spatial layers only"
+            )
+        assert decision.box_center is not None
+        height, width = output.shape[-2], output.shape[-1]
+        lam_wanted = self._box_lam  # the drawn lam, kept on the host
+        box = cutmix_box(height, width, lam_wanted, decision.box_center)
+        # The kept area fixes lam only now that H and W are known: correct the decision and
+        # the targets in place (training_step holds these very tensors).
+        decision.lam.fill_(cutmix_lam(height, width, box))
+        self._correct_targets(decision)
+        return cutmix_tensor(output, decision.index, box)
+
+    def _correct_targets(self, decision: MixDecision) -> None:
+        target = self._target
+        if isinstance(target, MixedTarget):
+            target.lam.copy_(decision.lam)
+        elif isinstance(target, Tensor):
+            target.copy_(self._mix_target(self._original_target, decision))
 
     def _check_layer_ran(self) -> None:
         decision = self.current
@@ -375,6 +542,17 @@ class ManifoldMixupCallback(pl.Callback):
             "Return lists or dicts from your collate_fn, or subclass ManifoldMixupMixin, "
             "which turns tuple batches into lists before the callback sees them."
         )
+
+    def _layer_weight_array(self) -> np.ndarray | None:
+        if self.layer_weights is None:
+            return None
+        if len(self.layer_weights) != len(self.eligible):
+            raise MisconfigurationException(
+                f"layer_weights has {len(self.layer_weights)} entries but the eligible set has "
+                f"{len(self.eligible)}: {self.eligible}. Give one weight per layer, in this order."
+            )
+        weights = np.asarray(self.layer_weights, dtype=np.float64)
+        return weights / weights.sum()
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

@@ -34,6 +34,25 @@ def dominant_class(target: Target) -> Tensor:
     return target
 
 
+def mixed_accuracy(logits: Tensor, target: Target) -> Tensor:
+    """Per-row credit ``(B,)``: the target's weight on the predicted class.
+
+    For a mix of ``y_a`` and ``y_b`` this is ``lam * [pred == y_a] + (1 - lam) * [pred == y_b]``,
+    accuracy against both labels weighted by lam; for class indices it is plain accuracy.
+
+    Example:
+        >>> mixed_accuracy(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3]] * 2))
+        tensor([0.7000, 0.3000])
+    """
+    pred = logits.argmax(dim=-1)
+    if isinstance(target, MixedTarget):
+        lam = target.lam.expand(pred.shape[0]).float()
+        return lam * (pred == target.y_a).float() + (1 - lam) * (pred == target.y_b).float()
+    if target.is_floating_point():
+        return target.gather(-1, pred.unsqueeze(-1)).squeeze(-1).float()
+    return (pred == target).float()
+
+
 def find_num_classes(module: object) -> int | None:
     """``module.num_classes``, else ``module.hparams["num_classes"]``, else None."""
     value = getattr(module, "num_classes", None)
@@ -102,8 +121,9 @@ class ManifoldMixupMixin:
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Default step for ``(x, y)`` classification batches: loss and train accuracy.
 
-        Logs ``train_loss`` and ``train_acc`` (accuracy against the dominant class of the
-        mixed target) per step and per epoch; epoch values are reduced across processes by
+        Logs ``train_loss``, ``train_acc`` (accuracy against the dominant class of the mixed
+        target) and ``train_mixed_acc`` (against both labels, weighted by lam) per step and per
+        epoch; epoch values are reduced across processes by
         torchmetrics, so no collective runs per step.
         """
         x, y = batch[0], batch[1]
@@ -134,14 +154,18 @@ class ManifoldMixupMixin:
             rank_zero_warn("train_acc needs at least 2 classes; it is measured over 2")
         self.train_loss_mean = MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro")
+        self.train_mixed_acc = MeanMetric()
 
     def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
         if not self._has_train_metrics():
             self._build_train_metrics(logits.shape[-1])
             self.train_loss_mean.to(logits.device)
             self.train_acc.to(logits.device)
+            self.train_mixed_acc.to(logits.device)
         self.train_loss_mean(loss.detach())
         self.train_acc(logits.detach(), dominant_class(target))
+        self.train_mixed_acc(mixed_accuracy(logits.detach(), target))
         log = self.log  # type: ignore[attr-defined]
         log("train_loss", self.train_loss_mean, on_step=True, on_epoch=True, prog_bar=True)
         log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
+        log("train_mixed_acc", self.train_mixed_acc, on_step=True, on_epoch=True)

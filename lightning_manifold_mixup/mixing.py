@@ -49,12 +49,25 @@ class MixDecision:
         layer_index: position of ``layer`` in the eligible set.
         lam: float32 tensor, shape ``()`` (``lam_mode="batch"``) or ``(B,)`` (``"sample"``).
         index: int64 permutation of ``range(B)``; row ``i`` is mixed with row ``index[i]``.
+        box_center: for CutMix batches, the box centre as fractions of (H, W); else None.
+            ``lam`` is then the kept area fraction, set when the layer's size is known.
     """
 
     layer: str
     layer_index: int
     lam: Tensor
     index: Tensor
+    box_center: tuple[float, float] | None = None
+
+
+class Draw(NamedTuple):
+    """The host-side random draws for one batch (see :func:`sample_decision`)."""
+
+    layer: int
+    lam: np.ndarray
+    perm: np.ndarray
+    cutmix: bool
+    box_center: tuple[float, float]
 
 
 def sample_decision(
@@ -65,28 +78,76 @@ def sample_decision(
     alpha: float,
     probability: float,
     lam_mode: LamMode,
-) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """Draw (layer position, lam, permutation) for one batch, or None when the batch is not mixed.
+    layer_weights: np.ndarray | None = None,
+    cutmix_prob: float = 0.0,
+) -> Draw | None:
+    """Draw the layer, lam, permutation and CutMix choice for one batch; None if unmixed.
 
-    Draws happen on the host from ``rng`` in a fixed order, so the same generator state always
-    gives the same decision. ``lam`` has shape ``()`` or ``(batch_size,)``.
+    Draws happen on the host from ``rng`` in a fixed order, whatever the outcome, so the same
+    generator state always gives the same decision. ``lam`` has shape ``()`` or
+    ``(batch_size,)``; ``layer_weights`` (summing to 1) replaces the uniform layer choice.
+    ``alpha <= 0`` means no mixing for this batch (a schedule at zero).
 
     Example:
         >>> rng = np.random.default_rng(0)
-        >>> k, lam, index = sample_decision(
+        >>> d = sample_decision(
         ...     rng, batch_size=4, num_layers=3, alpha=2.0, probability=1.0, lam_mode="batch")
-        >>> 0 <= k < 3, 0.0 <= float(lam) <= 1.0, sorted(index.tolist())
+        >>> 0 <= d.layer < 3, 0.0 <= float(d.lam) <= 1.0, sorted(d.perm.tolist())
         (True, True, [0, 1, 2, 3])
     """
-    # Every draw is made whether or not the batch is mixed, so the stream does not depend on
-    # the outcome of earlier draws.
     u = rng.random()
-    k = int(rng.integers(num_layers))
-    lam = rng.beta(alpha, alpha, size=batch_size if lam_mode == "sample" else None)
+    k = int(rng.choice(num_layers, p=layer_weights))
+    size = batch_size if lam_mode == "sample" else None
+    lam = rng.beta(alpha, alpha, size=size) if alpha > 0 else np.ones(size or ())
     index = rng.permutation(batch_size)
-    if u >= probability:
+    cut_u, cy, cx = rng.random(3)
+    if u >= probability or alpha <= 0:
         return None
-    return k, np.asarray(lam, dtype=np.float32), index
+    return Draw(k, np.asarray(lam, dtype=np.float32), index, bool(cut_u < cutmix_prob), (cy, cx))
+
+
+def cutmix_box(
+    height: int, width: int, lam: float, center: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """The box ``(y0, y1, x0, x1)`` of area about ``(1 - lam) * H * W`` around ``center``.
+
+    ``center`` holds fractions of the height and width; the box is clipped to the image, so
+    the pasted area can be smaller than asked: use :func:`cutmix_lam` for the true weight.
+
+    Example:
+        >>> cutmix_box(8, 8, 0.75, (0.5, 0.5))
+        (2, 6, 2, 6)
+    """
+    ratio = float(np.sqrt(1.0 - lam))
+    cut_h, cut_w = round(height * ratio), round(width * ratio)
+    cy, cx = int(center[0] * height), int(center[1] * width)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, width)
+    return y0, y1, x0, x1
+
+
+def cutmix_lam(height: int, width: int, box: tuple[int, int, int, int]) -> float:
+    """Weight of the original sample: ``1 - pasted area / (H * W)``."""
+    y0, y1, x0, x1 = box
+    return 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+def cutmix_tensor(h: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """``h`` with the box ``(y0, y1, x0, x1)`` of its last two dims pasted from ``h[index]``.
+
+    Args:
+        h: ``(B, C, H, W)`` (any floating dtype; any rank >= 3 works on the last two dims).
+        index: ``(B,)`` permutation.
+    """
+    if h.ndim < 3:
+        raise ValueError(
+            f"CutMix needs a (B, C, H, W) tensor, got shape {tuple(h.shape)}; use blending "
+            "(cutmix_prob=0) for layers without spatial dimensions"
+        )
+    y0, y1, x0, x1 = box
+    out = h.clone()
+    out[..., y0:y1, x0:x1] = h[index.to(h.device)][..., y0:y1, x0:x1]
+    return out
 
 
 def _lam_like(lam: Tensor, h: Tensor) -> Tensor:

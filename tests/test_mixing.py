@@ -133,9 +133,9 @@ def test_sample_decision_is_a_function_of_the_generator_state() -> None:
     b = sample_decision(np.random.default_rng([1, 0, 5]), lam_mode="sample", **kwargs)
     c = sample_decision(np.random.default_rng([1, 1, 5]), lam_mode="sample", **kwargs)
     assert a is not None and b is not None and c is not None
-    assert a[0] == b[0] and np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
-    assert a[1].shape == (7,) and sorted(a[2].tolist()) == list(range(7))
-    assert not np.array_equal(a[1], c[1])
+    assert a.layer == b.layer and np.array_equal(a.lam, b.lam) and np.array_equal(a.perm, b.perm)
+    assert a.lam.shape == (7,) and sorted(a.perm.tolist()) == list(range(7))
+    assert not np.array_equal(a.lam, c.lam)
 
 
 def test_sample_decision_follows_beta_and_probability() -> None:
@@ -148,10 +148,10 @@ def test_sample_decision_follows_beta_and_probability() -> None:
     ]
     mixed = [d for d in draws if d is not None]
     assert 0.45 < len(mixed) / len(draws) < 0.55
-    lams = np.array([float(d[1]) for d in mixed])
+    lams = np.array([float(d.lam) for d in mixed])
     # Beta(2, 2): mean 1/2, variance 1/20
     assert abs(lams.mean() - 0.5) < 0.02 and abs(lams.var() - 0.05) < 0.006
-    layers = np.bincount([d[0] for d in mixed], minlength=3) / len(mixed)
+    layers = np.bincount([d.layer for d in mixed], minlength=3) / len(mixed)
     assert np.all(np.abs(layers - 1 / 3) < 0.04)
 
 
