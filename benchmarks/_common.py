@@ -71,7 +71,14 @@ class ManualDriver:
 
     def __init__(self, callback: ManifoldMixupCallback, module: L.LightningModule) -> None:
         self.cb, self.module = callback, module
-        self.trainer = SimpleNamespace(global_rank=0, strategy=None)
+        self.trainer = SimpleNamespace(
+            global_rank=0,
+            strategy=None,
+            loggers=[],
+            global_step=0,
+            current_epoch=0,
+            estimated_stepping_batches=float("inf"),
+        )
         callback.on_fit_start(self.trainer, module)  # type: ignore[arg-type]
 
     def start(self, batch: list[Any]) -> None:
