@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_manifold_mixup.layers import INPUT, named_layers, resolve_layers
-from lightning_manifold_mixup.mixin import find_num_classes
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
     LamMode,
     MixDecision,
@@ -225,6 +225,14 @@ class ManifoldMixupCallback(pl.Callback):
         self._counts = {"layers": [0] * len(self.eligible), "lam": [0] * _LAM_BINS, "unmixed": 0}
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
+        if not isinstance(pl_module, ManifoldMixupMixin):
+            rank_zero_warn(
+                f"ManifoldMixupCallback: {type(pl_module).__name__} does not use "
+                "ManifoldMixupMixin, so training_step receives mixed targets as they are: "
+                "integer class labels arrive as float (B, num_classes) soft targets (or "
+                "MixedTarget pairs). Make sure its loss accepts them (F.cross_entropy does, "
+                "F.nll_loss does not), or subclass ManifoldMixupMixin and use mixup_loss."
+            )
         modules = named_layers(pl_module)
         for name in self.eligible:
             if name == INPUT:
@@ -272,6 +280,12 @@ class ManifoldMixupCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.current = None
+        if batch is None:
+            raise MisconfigurationException(
+                "ManifoldMixupCallback needs to see each training batch, but training_step "
+                "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
+                "training_step(self, batch, batch_idx)."
+            )
         assert self._resolved_seed is not None
         rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, self._step])
         self._step += 1

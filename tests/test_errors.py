@@ -210,3 +210,23 @@ def test_two_mixup_callbacks_in_one_trainer_are_refused() -> None:
         RuntimeError, match=r"more than one stateful callback .*ManifoldMixupCallback"
     ):
         quiet_trainer(max_steps=1, callbacks=callbacks)
+
+
+def test_a_module_without_the_mixin_is_warned_about_mixed_targets() -> None:
+    from test_callback_lifecycle import PlainModule
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.warns(UserWarning, match=r"PlainModule does not use ManifoldMixupMixin"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(PlainModule(), make_loader())
+
+
+class IterStep(MLPClassifier):
+    def training_step(self, dataloader_iter: Any) -> torch.Tensor:  # type: ignore[override]
+        batch, _, _ = next(dataloader_iter)
+        return super().training_step(batch, 0)
+
+
+def test_dataloader_iter_training_steps_are_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(MisconfigurationException, match="takes a dataloader_iter"):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(IterStep(), make_loader())
