@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -201,6 +202,12 @@ class ManifoldMixupCallback(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+            raise MisconfigurationException(
+                "ManifoldMixupCallback needs to see each training batch, but training_step "
+                "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
+                "training_step(self, batch, batch_idx)."
+            )
         # Validate layer names before any training work (strategy setup, sanity check).
         resolve_layers(pl_module, self.layers)
 
@@ -280,12 +287,6 @@ class ManifoldMixupCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self.current = None
-        if batch is None:
-            raise MisconfigurationException(
-                "ManifoldMixupCallback needs to see each training batch, but training_step "
-                "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
-                "training_step(self, batch, batch_idx)."
-            )
         assert self._resolved_seed is not None
         rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, self._step])
         self._step += 1

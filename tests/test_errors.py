@@ -226,7 +226,9 @@ class IterStep(MLPClassifier):
         return super().training_step(batch, 0)
 
 
-def test_dataloader_iter_training_steps_are_refused() -> None:
+def test_dataloader_iter_training_steps_are_refused_before_training() -> None:
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    model = IterStep()
     with pytest.raises(MisconfigurationException, match="takes a dataloader_iter"):
-        quiet_trainer(max_steps=1, callbacks=[cb]).fit(IterStep(), make_loader())
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
+    assert model.global_step == 0
