@@ -182,6 +182,7 @@ class ManifoldMixupCallback(pl.Callback):
         self._resolved_classes: int | None = None
         self._handles: list[RemovableHandle] = []
         self._calls = 0
+        self._in_backward = False
         self._counts: dict[str, Any] = {"layers": [], "lam": [0] * _LAM_BINS, "unmixed": 0}
         self._weights: np.ndarray | None = None
         self._target: Any = None
@@ -351,6 +352,7 @@ class ManifoldMixupCallback(pl.Callback):
         self._set(batch, self.target_key, new_target)
         self._target = new_target
         self._calls = 0
+        self._in_backward = False
         self.current = decision
         self._counts["layers"][draw.layer] += 1
         lam_mean = float(lam_np.mean())
@@ -363,6 +365,7 @@ class ManifoldMixupCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         self._check_layer_ran()
+        self._in_backward = True
 
     def on_train_batch_end(
         self,
@@ -432,8 +435,10 @@ class ManifoldMixupCallback(pl.Callback):
             decision = self.current
             if decision is None or decision.layer != name:
                 return None
-            self._calls += 1
-            if self._calls == 2 and name not in self._warned_repeat:
+            # Runs during backward are activation checkpointing recomputing the forward: they
+            # get the same mix but are neither counted nor warned about.
+            self._calls += not self._in_backward
+            if self._calls == 2 and not self._in_backward and name not in self._warned_repeat:
                 self._warned_repeat.add(name)
                 rank_zero_warn(
                     f"ManifoldMixupCallback: layer {name!r} ran more than once in one training "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import lightning as L
@@ -179,7 +180,9 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         model = Checkpointed(use)
         model.load_state_dict(init)
         cb = ManifoldMixupCallback(layers=["net.1"], seed=9)
-        quiet_trainer(max_steps=3, callbacks=[cb]).fit(model, make_loader())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*ran more than once.*")
+            quiet_trainer(max_steps=3, callbacks=[cb]).fit(model, make_loader())
         runs.append(model.grads)
     for plain, ckpt in zip(*runs, strict=True):
         for name in plain:
