@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_manifold_mixup.layers import INPUT, named_layers, resolve_layers
+from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
     LamMode,
@@ -195,8 +195,6 @@ class ManifoldMixupCallback(pl.Callback):
     @staticmethod
     def candidate_layers(model: nn.Module) -> list[str]:
         """The layers ``layers=None`` would select for ``model`` (normalized names)."""
-        from lightning_manifold_mixup.layers import candidate_layers
-
         return candidate_layers(model)
 
     # ------------------------------------------------------------------ fit lifecycle
