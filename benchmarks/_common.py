@@ -62,6 +62,22 @@ def interleaved_medians(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def step_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Memory one call of ``fn`` needs: the CUDA peak above the allocation before it, or on the
+    CPU (no peak counter) the sum of bytes the profiler saw allocated during the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - before)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    return int(sum(max(e.self_cpu_memory_usage, 0) for e in prof.events()))
+
+
 class ManualDriver:
     """Drives ``ManifoldMixupCallback`` through its Lightning hooks without a Trainer.
 

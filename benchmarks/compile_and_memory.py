@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ManualDriver, interleaved_medians, machine, write_json
+from _common import ManualDriver, interleaved_medians, machine, step_bytes, write_json
 from step_overhead import Holder
 
 from lightning_manifold_mixup import ManifoldMixupCallback
@@ -101,18 +101,7 @@ def memory(device: torch.device, batch: int) -> dict[str, Any]:
     out: dict[str, Any] = {"hidden_tensor_bytes": hidden_bytes}
     for name, fn in (("plain", plain), ("callback", mixed)):
         fn()  # warm up allocator caches
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            out[name] = int(torch.cuda.max_memory_allocated() - base)
-        else:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            with torch.profiler.profile(activities=acts, profile_memory=True) as prof:
-                fn()
-            out[name] = int(sum(max(e.self_cpu_memory_usage, 0) for e in prof.events()))
+        out[name] = step_bytes(fn, device)
     driver.close()
     out["extra_bytes"] = out["callback"] - out["plain"]
     out["extra_in_hidden_copies"] = out["extra_bytes"] / hidden_bytes

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved_medians, machine, write_json
+from _common import interleaved_medians, machine, step_bytes, write_json
 
 from lightning_manifold_mixup import MixedTarget, one_hot_mix
 from lightning_manifold_mixup.losses import pair_cross_entropy, soft_cross_entropy
@@ -49,21 +49,6 @@ def variants(b: int, c: int, device: torch.device) -> dict[str, Callable[[], Non
     return {"plain": plain, "soft": soft, "pair": pair}
 
 
-def memory(fn: Callable[[], None], device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return int(torch.cuda.max_memory_allocated() - before)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        fn()
-    return int(sum(max(e.self_cpu_memory_usage, 0) for e in prof.events()))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,7 +70,7 @@ def main() -> None:
     for c in args.classes:
         fns = variants(args.batch, c, device)
         med = interleaved_medians(fns, device, warmup=5, rounds=args.rounds, steps=args.steps)
-        mem = {k: memory(fn, device) for k, fn in fns.items()}
+        mem = {k: step_bytes(fn, device) for k, fn in fns.items()}
         out["cases"][str(c)] = {"median_s": med, "bytes": mem}
         mb = {k: v / 2**20 for k, v in mem.items()}
         print(
