@@ -90,7 +90,7 @@ def run_experiment(argv: Sequence[str]) -> None:
         )
         title = (
             f"{args.dataset}: {len(args.seeds)} seed(s), mean ± std, "
-            f"FGSM eps={args.fgsm_eps} (inputs standardised)"
+            f"FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
         )
         print(ex.format_table(results, title))
         if args.out is not None:
