@@ -108,7 +108,7 @@ class ManualDriver:
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    out = Path(os.environ.get("LMM_BENCH_OUT", "benchmarks/results"))
+    out = Path(os.environ.get("LMM_BENCH_OUT", Path(__file__).resolve().parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2))
