@@ -31,30 +31,31 @@ def _no_autocast(device_type: str) -> torch.autocast:
 
 
 class _PairCrossEntropy(torch.autograd.Function):
-    """Row mean of ``lse(z) - (1 - eps) * (lam * z[y_a] + (1 - lam) * z[y_b]) - eps * mean(z)``.
+    """Row mean of ``-(1 - eps) * (lam * logp[y_a] + (1 - lam) * logp[y_b]) - eps * mean(logp)``.
 
-    Written as a Function so the backward builds a single ``(B, C)`` tensor (the softmax, with the
-    target weights scattered into it in place), as fused class-index cross-entropy does.
+    ``logp = log_softmax(z)`` is kept from the forward, as fused class-index cross-entropy
+    keeps it, and the backward builds one ``(B, C)`` tensor: ``softmax`` with the target
+    weights scattered into it in place.
     """
 
     @staticmethod
     def forward(ctx: Any, z: Tensor, y_a: Tensor, y_b: Tensor, lam: Tensor, eps: float) -> Tensor:
-        lse = torch.logsumexp(z, dim=1)
-        z_a = z.gather(1, y_a.unsqueeze(1)).squeeze(1)
-        z_b = z.gather(1, y_b.unsqueeze(1)).squeeze(1)
-        loss = lse - (1.0 - eps) * (lam * z_a + (1.0 - lam) * z_b)
+        logp = torch.log_softmax(z, dim=1)
+        lp_a = logp.gather(1, y_a.unsqueeze(1)).squeeze(1)
+        lp_b = logp.gather(1, y_b.unsqueeze(1)).squeeze(1)
+        loss = -(1.0 - eps) * (lam * lp_a + (1.0 - lam) * lp_b)
         if eps:
-            loss = loss - eps * z.mean(dim=1)
-        ctx.save_for_backward(z, lse, y_a, y_b, lam)
+            loss = loss - eps * logp.mean(dim=1)
+        ctx.save_for_backward(logp, y_a, y_b, lam)
         ctx.eps = eps
         return loss.mean()
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        z, lse, y_a, y_b, lam = ctx.saved_tensors
+        logp, y_a, y_b, lam = ctx.saved_tensors
         eps = ctx.eps
-        batch, num_classes = z.shape
-        grad = torch.exp(z - lse.unsqueeze(1))
+        batch, num_classes = logp.shape
+        grad = torch.exp(logp)
         weight = (1.0 - eps) * lam.expand(batch).unsqueeze(1)
         grad.scatter_add_(1, y_a.unsqueeze(1), -weight)
         grad.scatter_add_(1, y_b.unsqueeze(1), weight - (1.0 - eps))
@@ -70,8 +71,9 @@ def pair_cross_entropy(
     """Cross-entropy against the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)``.
 
     No ``(B, C)`` target matrix is built: per row the loss is
+    ``-(lam * logp[y_a] + (1 - lam) * logp[y_b])`` with ``logp = log_softmax(z)``, which equals
     ``logsumexp(z) - lam * z[y_a] - (1 - lam) * z[y_b]`` (with label smoothing ``eps``: the
-    gathered term scaled by ``1 - eps`` and ``eps * mean(z)`` subtracted), averaged over the
+    gathered term scaled by ``1 - eps`` and ``eps * mean(logp)`` subtracted), averaged over the
     batch. Equal in value and gradient to :func:`soft_cross_entropy` on the soft target.
 
     Args:
