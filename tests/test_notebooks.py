@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,22 @@ def _figure_stamps() -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in FIGURES.glob("*.png")}
 
 
-def _run(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def _kernel_for_this_interpreter(root: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A kernelspec that runs this very Python, whatever kernels the machine has installed."""
+    spec = root / "kernels" / "lmm-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "lmm-test", "language": "python"})
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(root))
+    return "lmm-test"
+
+
+def _run(name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
     """Execute ``name`` from the notebooks folder; return each tagged cell's printed text."""
     # The kernel is a subprocess started by nbclient and inherits this environment.
+    kernel = _kernel_for_this_interpreter(tmp_path, monkeypatch)
     monkeypatch.setenv("LMM_FAST", "1")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -29,7 +44,7 @@ def _run(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     client = nbclient.NotebookClient(
         nb,
         timeout=TIMEOUT_S,
-        kernel_name="python3",
+        kernel_name=kernel,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     )
     client.execute()  # raises CellExecutionError if any cell fails
@@ -47,8 +62,8 @@ def _run(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return printed
 
 
-def test_quickstart(monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = _run("quickstart.ipynb", monkeypatch)
+def test_quickstart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    printed = _run("quickstart.ipynb", monkeypatch, tmp_path)
     assert "'net.block1'" in printed["fit"] and "'net.block2'" in printed["fit"]
     assert "hooks before fit: 0" in printed["fit"]
     # Two hidden layers are hooked during fit; the input is mixed in the batch.
@@ -59,15 +74,15 @@ def test_quickstart(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "targets match: True" in printed["hand-check"]
 
 
-def test_spirals(monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = _run("spirals.ipynb", monkeypatch)
+def test_spirals(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    printed = _run("spirals.ipynb", monkeypatch, tmp_path)
     for method in ("none", "input", "manifold"):
         assert f"{method}: test error" in printed["figure"]
         assert f"| {method} |" in printed["seeds"]
 
 
-def test_flattening(monkeypatch: pytest.MonkeyPatch) -> None:
-    printed = _run("flattening.ipynb", monkeypatch)
+def test_flattening(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    printed = _run("flattening.ipynb", monkeypatch, tmp_path)
     for method in ("none", "input", "manifold"):
         assert f"| {method} |" in printed["table"]
         assert f"{method}: sum(s[1:32]) / s[0] =" in printed["spectra"]
