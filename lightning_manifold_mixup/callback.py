@@ -377,6 +377,7 @@ class ManifoldMixupCallback(pl.Callback):
             self._check_layer_ran()
         finally:
             self.current = None
+            self._target = self._original_target = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -411,7 +412,8 @@ class ManifoldMixupCallback(pl.Callback):
                 f"version {_STATE_VERSION} with 'seed' and 'step'. Resume with the package "
                 "version that wrote the checkpoint, or start a new run."
             )
-        self._resolved_seed = int(state_dict["seed"])
+        seed = state_dict["seed"]
+        self._resolved_seed = None if seed is None else int(seed)
         self._step = int(state_dict["step"])
         self._restored = True
 
