@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,13 +114,17 @@ def fast_mode() -> bool:
 
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-fit info lines while many small runs go by."""
+    """Silence Lightning's per-fit info lines and advice while many small runs go by."""
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
     try:
-        yield
+        with warnings.catch_warnings():
+            # Advice that does not apply to these small in-memory runs.
+            for message in (".*LeafSpec.*", ".*does not have many workers.*", ".*log_every_n"):
+                warnings.filterwarnings("ignore", message=message)
+            yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
