@@ -73,7 +73,7 @@ class ManifoldMixupMixin:
     Class attributes (override in the subclass or set in ``__init__``):
         mixup_criterion: ``"ce"`` (cross-entropy) or ``"bce"`` (BCE on softmax, as the
             paper's reference code).
-        mixup_label_smoothing: label smoothing in ``[0, 1)`` for ``"ce"``.
+        mixup_label_smoothing: label smoothing in ``[0, 1)``.
 
     Example:
         >>> import lightning as L
@@ -123,8 +123,8 @@ class ManifoldMixupMixin:
 
         Logs ``train_loss``, ``train_acc`` (accuracy against the dominant class of the mixed
         target) and ``train_mixed_acc`` (against both labels, weighted by lam) per step and per
-        epoch; epoch values are reduced across processes by
-        torchmetrics, so no collective runs per step.
+        epoch; epoch values are reduced across processes by torchmetrics, so no collective
+        runs per step.
         """
         x, y = batch[0], batch[1]
         logits = self(x)  # type: ignore[operator]
