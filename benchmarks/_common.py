@@ -85,16 +85,21 @@ class ManualDriver:
     checks), minus Lightning's own loop, so the ratios isolate what the callback adds.
     """
 
-    def __init__(self, callback: ManifoldMixupCallback, module: L.LightningModule) -> None:
+    def __init__(
+        self, callback: ManifoldMixupCallback, module: L.LightningModule, **trainer_fields: Any
+    ) -> None:
         self.cb, self.module = callback, module
         self.trainer = SimpleNamespace(
             global_rank=0,
+            world_size=1,
             strategy=None,
             loggers=[],
             global_step=0,
             current_epoch=0,
             estimated_stepping_batches=float("inf"),
         )
+        # A process of a distributed run sets global_rank and world_size here.
+        vars(self.trainer).update(trainer_fields)
         callback.on_fit_start(self.trainer, module)  # type: ignore[arg-type]
 
     def start(self, batch: list[Any]) -> None:

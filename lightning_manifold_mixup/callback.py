@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -26,16 +27,23 @@ from lightning_manifold_mixup.mixing import (
     cutmix_box,
     cutmix_lam,
     cutmix_tensor,
+    map_nested,
     mix_nested,
     mix_targets,
+    mix_targets_with_partner,
+    mix_with_partner,
     sample_decision,
 )
 
 TargetMode = Literal["soft", "pair"]
 LamTransform = Literal["none", "max"]
 AlphaSchedule = Literal["constant", "linear", "cosine"]
+Pairing = Literal["local", "global"]
 _LAM_BINS = 10
 _STATE_VERSION = 1
+# Second word of the shared stream's seed for pairing="global": no rank reaches it, so the
+# shared stream never coincides with a rank's own stream [seed, rank, step].
+_SHARED_STREAM = 2**32 - 1
 
 
 class ManifoldMixupCallback(pl.Callback):
@@ -78,6 +86,16 @@ class ManifoldMixupCallback(pl.Callback):
         cutmix_prob: chance that a mixed batch pastes a box from the partner sample instead of
             blending (CutMix on the input, PatchUp-style on hidden ``(B, C, H, W)`` states); lam
             is then the kept area fraction, and the targets use that lam.
+        pairing: ``"local"`` pairs each sample with one of its own rank's batch (each rank
+            draws its own layer, lam and permutation). ``"global"`` pairs it with a sample of
+            the global batch (every rank's batch, concatenated in rank order), for tiny
+            per-device batches: all ranks draw one shared layer, lam and permutation of the
+            ``world_size * B`` rows; the hidden states are all-gathered with autograd, so
+            gradients flow back to the rank that owns the partner row, and inputs and targets
+            are all-gathered too. It costs collectives every training batch, needs the same
+            batch size on every rank (``drop_last=True``) and cannot be combined with CutMix.
+            ``MixDecision.index`` then holds global row indices. With one process it behaves
+            as ``"local"`` (with a warning).
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -105,6 +123,7 @@ class ManifoldMixupCallback(pl.Callback):
         warmup_steps: int = 0,
         stop_epoch: int | None = None,
         cutmix_prob: float = 0.0,
+        pairing: Pairing = "local",
     ) -> None:
         super().__init__()
         problems: list[str] = []
@@ -151,6 +170,12 @@ class ManifoldMixupCallback(pl.Callback):
             problems.append(f"cutmix_prob must be in [0, 1], got {cutmix_prob!r}")
         elif cutmix_prob > 0 and lam_mode == "sample":
             problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
+        if pairing not in ("local", "global"):
+            problems.append(f"pairing must be 'local' or 'global', got {pairing!r}")
+        elif pairing == "global" and isinstance(cutmix_prob, (int, float)) and cutmix_prob > 0:
+            problems.append(
+                "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
+            )
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
 
@@ -172,6 +197,7 @@ class ManifoldMixupCallback(pl.Callback):
         self.warmup_steps = warmup_steps
         self.stop_epoch = stop_epoch
         self.cutmix_prob = float(cutmix_prob)
+        self.pairing: Pairing = pairing
         self.summary: dict[str, Any] = {}
 
         self.current: MixDecision | None = None
@@ -190,6 +216,8 @@ class ManifoldMixupCallback(pl.Callback):
         self._box_lam = 1.0
         self._checked_labels = False
         self._warned_repeat: set[str] = set()
+        # Whether this fit pairs across ranks (pairing="global" and more than one process).
+        self._global = False
 
     # ------------------------------------------------------------------ helpers for users
     @staticmethod
@@ -221,6 +249,18 @@ class ManifoldMixupCallback(pl.Callback):
         self._checked_labels = False
         self._warned_repeat = set()
         self._weights = self._layer_weight_array()
+        self._global = self.pairing == "global" and trainer.world_size > 1
+        if self.pairing == "global" and not self._global:
+            rank_zero_warn(
+                "ManifoldMixupCallback: pairing='global' has no effect in a single-process run "
+                "(world_size 1); samples are paired within the batch as with pairing='local'."
+            )
+        if self._global and not (dist.is_available() and dist.is_initialized()):
+            raise MisconfigurationException(
+                "pairing='global' needs torch.distributed, but the "
+                f"{type(trainer.strategy).__name__} strategy has not initialised it. Use a "
+                "DDP-based strategy or pairing='local'."
+            )
         if self.alpha_schedule != "constant" and not np.isfinite(
             trainer.estimated_stepping_batches
         ):
@@ -266,6 +306,7 @@ class ManifoldMixupCallback(pl.Callback):
             "warmup_steps": self.warmup_steps,
             "stop_epoch": self.stop_epoch,
             "cutmix_prob": self.cutmix_prob,
+            "pairing": self.pairing,
         }
 
     def alpha_at(self, trainer: pl.Trainer) -> float:
@@ -287,7 +328,12 @@ class ManifoldMixupCallback(pl.Callback):
     ) -> None:
         self.current = None
         assert self._resolved_seed is not None
-        rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, self._step])
+        if self._global:
+            # One stream for every rank: they must agree on the layer (the hook's collectives
+            # would otherwise wait for each other forever), lam and the global permutation.
+            rng = np.random.default_rng([self._resolved_seed, _SHARED_STREAM, self._step])
+        else:
+            rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, self._step])
         self._step += 1
         x = self._get(batch, self.input_key, "input_key")
         y = self._get(batch, self.target_key, "target_key")
@@ -298,9 +344,12 @@ class ManifoldMixupCallback(pl.Callback):
                 f"has shape {tuple(y.shape)}. Check input_key={self.input_key!r} and "
                 f"target_key={self.target_key!r}."
             )
+        world = trainer.world_size if self._global else 1
+        if self._global:
+            _check_equal_batch_sizes(batch_size, y.device)
         draw = sample_decision(
             rng,
-            batch_size=batch_size,
+            batch_size=world * batch_size,
             num_layers=len(self.eligible),
             alpha=self.alpha_at(trainer),
             probability=self.probability,
@@ -311,7 +360,12 @@ class ManifoldMixupCallback(pl.Callback):
         if draw is None:
             self._counts["unmixed"] += 1
             return
-        lam_np = draw.lam
+        lam_np, perm = draw.lam, draw.perm
+        if self._global:
+            rows = slice(trainer.global_rank * batch_size, (trainer.global_rank + 1) * batch_size)
+            perm = perm[rows]
+            if lam_np.ndim:
+                lam_np = lam_np[rows]
         if self.fixed_lam is not None:
             lam_np = np.full_like(lam_np, self.fixed_lam)
         if self.lam_transform == "max":
@@ -330,16 +384,29 @@ class ManifoldMixupCallback(pl.Callback):
             lam_np = np.asarray(cutmix_lam(x.shape[-2], x.shape[-1], box), dtype=np.float32)
         device = y.device
         lam = torch.as_tensor(lam_np, dtype=torch.float32).to(device, non_blocking=True)
-        index = torch.from_numpy(draw.perm).to(device, non_blocking=True)
+        index = torch.from_numpy(perm).to(device, non_blocking=True)
         decision = MixDecision(layer, draw.layer, lam, index, box_center)
 
         self._original_target = y
-        new_target = self._mix_target(y, decision)
+        partner_y = _global_rows(y).index_select(0, index) if self._global else None
+        new_target = self._mix_target(y, decision, partner_y)
         if layer == INPUT:
             if box_center is not None:
                 mixed: Any = cutmix_tensor(x, index, box)
             else:
-                mixed, count = mix_nested(x, lam, index, batch_size)
+                if self._global:
+                    mixed, count = map_nested(
+                        x,
+                        lambda t: mix_with_partner(
+                            t,
+                            _global_rows(t).index_select(0, index.to(t.device)),
+                            lam,
+                            overwrite_partner=True,
+                        ),
+                        batch_size,
+                    )
+                else:
+                    mixed, count = mix_nested(x, lam, index, batch_size)
                 if count == 0:
                     raise ValueError(
                         "input mixup needs a floating-point input at "
@@ -448,7 +515,12 @@ class ManifoldMixupCallback(pl.Callback):
             if decision.box_center is not None:
                 return self._cutmix_hidden(name, output, decision)
             batch_size = decision.index.shape[0]
-            mixed, count = mix_nested(output, decision.lam, decision.index, batch_size)
+            if self._global:
+                mixed, count = map_nested(
+                    output, lambda h: _mix_across_ranks(h, decision), batch_size
+                )
+            else:
+                mixed, count = mix_nested(output, decision.lam, decision.index, batch_size)
             if count == 0:
                 raise ValueError(
                     f"layer {name!r} returned {_describe(output)}, which holds no floating "
@@ -492,7 +564,10 @@ class ManifoldMixupCallback(pl.Callback):
                 "not. Remove it from layers, or make sure training_step calls it."
             )
 
-    def _mix_target(self, y: Tensor, decision: MixDecision) -> Any:
+    def _mix_target(self, y: Tensor, decision: MixDecision, partner: Tensor | None = None) -> Any:
+        """Mixed targets; ``partner`` holds the partner rows for global pairing."""
+        if partner is not None and y.is_floating_point():
+            return mix_targets_with_partner(y, partner, decision.lam)
         if y.is_floating_point():
             return mix_targets(y, decision.lam, decision.index)
         if y.dtype == torch.bool or y.is_complex():
@@ -505,6 +580,8 @@ class ManifoldMixupCallback(pl.Callback):
                 f"{tuple(y.shape)}. Multi-label targets must be float (B, C) tensors."
             )
         if self.targets == "pair":
+            if partner is not None:
+                return mix_targets_with_partner(y, partner, decision.lam, pair=True)
             return mix_targets(y, decision.lam, decision.index, pair=True)
         num_classes = self._resolved_classes
         if num_classes is None:
@@ -517,12 +594,16 @@ class ManifoldMixupCallback(pl.Callback):
         # for accelerator batches so steady-state steps do not synchronise.
         if y.device.type == "cpu" or not self._checked_labels:
             self._checked_labels = True
-            lo, hi = int(y.min()), int(y.max())
+            # Partner labels come from other ranks, whose own check runs only after this one.
+            labels = y if partner is None else torch.cat([y, partner])
+            lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= num_classes:
                 raise ValueError(
                     f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
                     "Fix num_classes or the dataset's labels."
                 )
+        if partner is not None:
+            return mix_targets_with_partner(y, partner, decision.lam, num_classes=num_classes)
         return mix_targets(y, decision.lam, decision.index, num_classes=num_classes)
 
     def _initial_seed(self, trainer: pl.Trainer) -> int:
@@ -579,6 +660,64 @@ class ManifoldMixupCallback(pl.Callback):
             handle.remove()
         self._handles = []
         self.current = None
+
+
+def _global_rows(t: Tensor) -> Tensor:
+    """Every rank's ``t`` concatenated in rank order, without autograd (inputs, targets)."""
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's ``h`` concatenated in rank order, with gradients sent back to their ranks.
+
+    The gradient of rank ``r``'s rows is the sum over ranks of the gradient each rank's loss
+    puts on them; DDP's gradient average then equals the gradient of the mean loss over the
+    global batch. Written here because recent torch releases deprecate
+    ``torch.distributed.nn.functional.all_gather``: NCCL reduce-scatters the gradient, other
+    backends (gloo has no reduce-scatter) all-reduce it and keep their own rows.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor) -> Tensor:
+        return _global_rows(h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grad = grad.contiguous()
+        rows = grad.shape[0] // world
+        if dist.get_backend() == dist.Backend.NCCL:
+            out = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total[rank * rows : (rank + 1) * rows]
+
+
+def _mix_across_ranks(h: Tensor, decision: MixDecision) -> Tensor:
+    """``lam * h + (1 - lam) * global_h[index]`` for a hidden state, gradients to every rank."""
+    global_h: Tensor = _GatherRows.apply(h) if h.requires_grad else _global_rows(h)
+    partner = global_h.index_select(0, decision.index.to(h.device))
+    return mix_with_partner(h, partner, decision.lam, overwrite_partner=True)
+
+
+def _check_equal_batch_sizes(batch_size: int, device: torch.device) -> None:
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([batch_size], dtype=torch.int64, device=device))
+    found = [int(s) for s in sizes]
+    # Every rank sees the same sizes, so all of them raise together instead of one rank
+    # waiting forever in the next collective.
+    if len(set(found)) > 1:
+        raise ValueError(
+            f"pairing='global' needs the same batch size on every rank, got {found} (by rank). "
+            "Pass drop_last=True to the training DataLoader (and use a sampler that gives every "
+            "rank the same number of samples, as Lightning's DistributedSampler does), or use "
+            "pairing='local'."
+        )
 
 
 def _batch_size(x: Any) -> int:

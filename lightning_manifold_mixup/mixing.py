@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -48,7 +48,11 @@ class MixDecision:
         layer: name of the mixed layer, ``"input"`` for input mixup.
         layer_index: position of ``layer`` in the eligible set.
         lam: float32 tensor, shape ``()`` (``lam_mode="batch"``) or ``(B,)`` (``"sample"``).
-        index: int64 permutation of ``range(B)``; row ``i`` is mixed with row ``index[i]``.
+        index: ``(B,)`` int64; row ``i`` is mixed with row ``index[i]``. With
+            ``pairing="local"`` (or a single process) a permutation of ``range(B)``; with
+            ``pairing="global"`` in a distributed run, indices into the global batch (every
+            rank's ``B`` rows concatenated in rank order, ``world_size * B`` rows), drawn from
+            one permutation shared by all ranks.
         box_center: for CutMix batches, the box centre as fractions of (H, W); else None.
             ``lam`` is then the kept area fraction, set when the layer's size is known.
     """
@@ -195,14 +199,19 @@ def _lam_like(lam: Tensor, h: Tensor) -> Tensor:
     return lam
 
 
-def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
-    """Return ``lam * h + (1 - lam) * h[index]``.
+def mix_with_partner(
+    h: Tensor, partner: Tensor, lam: Tensor, *, overwrite_partner: bool = False
+) -> Tensor:
+    """Return ``lam * h + (1 - lam) * partner``, the one place the mixing formula lives.
 
     Args:
         h: ``(B, ...)`` floating tensor of any rank.
+        partner: the rows ``h`` is mixed with, same shape and dtype as ``h`` (``h[index]`` for
+            local pairing, rows gathered from every rank for global pairing).
         lam: float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is broadcast over every
             non-batch dimension.
-        index: ``(B,)`` int64 permutation.
+        overwrite_partner: ``partner`` is a fresh tensor nobody else reads (the output of an
+            ``index_select``) and may be reused for the result, saving one transient tensor.
 
     Returns:
         A tensor with the shape, dtype and device of ``h``. In float32/float64 it is the
@@ -210,17 +219,70 @@ def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
         evaluates the same convex combination in float32 internally (with lam rounded to
         ``h``'s dtype): float16 values up to the float16 maximum never overflow to inf, which the
         formula in float16 can do when the two rounded weights sum to slightly more than 1.
+
+    Example:
+        >>> mix_with_partner(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]),
+        ...                  torch.tensor(0.75))
+        tensor([[0.7500, 0.2500]])
     """
     if not h.is_floating_point():
         raise TypeError(f"cannot mix a tensor of dtype {h.dtype}: mixing needs floating point")
+    if partner.shape != h.shape or partner.dtype != h.dtype:
+        raise ValueError(
+            f"partner must match h: got {partner.dtype} {tuple(partner.shape)} for h "
+            f"{h.dtype} {tuple(h.shape)}"
+        )
     lam = _lam_like(lam, h)
-    partner = permute_rows(h, index)
     if h.element_size() < 4:
         return torch.lerp(partner, h, lam.to(h.dtype))
-    # In place on the fresh partner copy: one transient tensor instead of three. Addition
-    # commutes, so this is the formula's value bit for bit.
-    partner.mul_((1.0 - lam).to(h.dtype))
-    return partner.add_(h * lam.to(h.dtype))
+    # Scaling the partner first and adding in place keeps one transient tensor instead of
+    # three; addition commutes, so this is the formula's value bit for bit.
+    weight = (1.0 - lam).to(h.dtype)
+    out = partner.mul_(weight) if overwrite_partner else partner * weight
+    return out.add_(h * lam.to(h.dtype))
+
+
+def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
+    """Return ``lam * h + (1 - lam) * h[index]`` (see :func:`mix_with_partner`).
+
+    Args:
+        h: ``(B, ...)`` floating tensor of any rank.
+        lam: float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is broadcast over every
+            non-batch dimension.
+        index: ``(B,)`` int64 permutation.
+    """
+    return mix_with_partner(h, permute_rows(h, index), lam, overwrite_partner=True)
+
+
+def map_nested(obj: Any, fn: Callable[[Tensor], Tensor], batch_size: int) -> tuple[Any, int]:
+    """Apply ``fn`` to every floating tensor in ``obj`` whose first dimension is ``batch_size``.
+
+    ``obj`` may be a tensor or any nesting of tuples, lists, named tuples and mappings (a
+    layer's output, a batch's input). Other leaves are returned unchanged. Leaves are visited
+    in a fixed order (containers in iteration order), so ``fn`` may run collectives.
+
+    Returns:
+        The new structure (same container types) and the number of tensors ``fn`` was applied to.
+    """
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point() and obj.ndim >= 1 and obj.shape[0] == batch_size:
+            return fn(obj), 1
+        return obj, 0
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        parts = [map_nested(v, fn, batch_size) for v in obj]
+        return type(obj)(*(p[0] for p in parts)), sum(p[1] for p in parts)
+    if isinstance(obj, (tuple, list)):
+        parts = [map_nested(v, fn, batch_size) for v in obj]
+        return type(obj)(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(obj, Mapping):
+        mixed = {k: map_nested(v, fn, batch_size) for k, v in obj.items()}
+        out = dict(obj)
+        out.update({k: v[0] for k, v in mixed.items()})
+        rebuilt: Any = out
+        with contextlib.suppress(TypeError):  # keeps OrderedDict and ModelOutput-like types
+            rebuilt = type(obj)(out)  # type: ignore[call-arg]
+        return rebuilt, sum(v[1] for v in mixed.values())
+    return obj, 0
 
 
 def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[Any, int]:
@@ -232,25 +294,7 @@ def mix_nested(obj: Any, lam: Tensor, index: Tensor, batch_size: int) -> tuple[A
     Returns:
         The mixed structure (same container types) and the number of tensors mixed.
     """
-    if isinstance(obj, Tensor):
-        if obj.is_floating_point() and obj.ndim >= 1 and obj.shape[0] == batch_size:
-            return mix_tensor(obj, lam, index), 1
-        return obj, 0
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        parts = [mix_nested(v, lam, index, batch_size) for v in obj]
-        return type(obj)(*(p[0] for p in parts)), sum(p[1] for p in parts)
-    if isinstance(obj, (tuple, list)):
-        parts = [mix_nested(v, lam, index, batch_size) for v in obj]
-        return type(obj)(p[0] for p in parts), sum(p[1] for p in parts)
-    if isinstance(obj, Mapping):
-        mixed = {k: mix_nested(v, lam, index, batch_size) for k, v in obj.items()}
-        out = dict(obj)
-        out.update({k: v[0] for k, v in mixed.items()})
-        rebuilt: Any = out
-        with contextlib.suppress(TypeError):  # keeps OrderedDict and ModelOutput-like types
-            rebuilt = type(obj)(out)  # type: ignore[call-arg]
-        return rebuilt, sum(v[1] for v in mixed.values())
-    return obj, 0
+    return map_nested(obj, lambda h: mix_tensor(h, lam, index), batch_size)
 
 
 def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tensor:
@@ -269,11 +313,21 @@ def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tens
         tensor([[0.2500, 0.0000, 0.7500],
                 [0.7500, 0.0000, 0.2500]])
     """
-    lam = lam.to(device=y.device, dtype=torch.float32)
-    lam_col = lam.expand(y.shape[0]).unsqueeze(1)
-    out = torch.zeros(y.shape[0], num_classes, dtype=torch.float32, device=y.device)
-    out.scatter_add_(1, y.unsqueeze(1), lam_col)
-    out.scatter_add_(1, y[index.to(y.device)].unsqueeze(1), 1.0 - lam_col)
+    return one_hot_pair(y, y[index.to(y.device)], lam, num_classes)
+
+
+def one_hot_pair(y_a: Tensor, y_b: Tensor, lam: Tensor, num_classes: int) -> Tensor:
+    """Soft targets ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)``, float32 ``(B, C)``.
+
+    Example:
+        >>> one_hot_pair(torch.tensor([0]), torch.tensor([2]), torch.tensor(0.25), 3)
+        tensor([[0.2500, 0.0000, 0.7500]])
+    """
+    lam = lam.to(device=y_a.device, dtype=torch.float32)
+    lam_col = lam.expand(y_a.shape[0]).unsqueeze(1)
+    out = torch.zeros(y_a.shape[0], num_classes, dtype=torch.float32, device=y_a.device)
+    out.scatter_add_(1, y_a.unsqueeze(1), lam_col)
+    out.scatter_add_(1, y_b.to(y_a.device).unsqueeze(1), 1.0 - lam_col)
     return out
 
 
@@ -294,9 +348,29 @@ def mix_targets(
     """
     if y.is_floating_point():
         return mix_tensor(y, lam, index)
+    return mix_targets_with_partner(
+        y, y[index.to(y.device)], lam, num_classes=num_classes, pair=pair
+    )
+
+
+def mix_targets_with_partner(
+    y: Tensor,
+    y_partner: Tensor,
+    lam: Tensor,
+    *,
+    num_classes: int | None = None,
+    pair: bool = False,
+) -> Tensor | MixedTarget:
+    """:func:`mix_targets` with the partner rows given instead of a permutation.
+
+    For pairings a permutation cannot express (partners from other ranks' batches).
+    ``y_partner`` has the shape and dtype of ``y``.
+    """
+    if y.is_floating_point():
+        return mix_with_partner(y, y_partner.to(y.device), lam)
     if pair:
         lam = lam.to(device=y.device, dtype=torch.float32)
-        return MixedTarget(y, y[index.to(y.device)], lam)
+        return MixedTarget(y, y_partner.to(y.device), lam)
     if num_classes is None:
         raise ValueError("integer targets need num_classes to be turned into soft targets")
-    return one_hot_mix(y, lam, index, num_classes)
+    return one_hot_pair(y, y_partner, lam, num_classes)
