@@ -38,21 +38,27 @@ OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_config_trains_two_steps_with_the_callback(config: str, tmp_path: Path) -> None:
-    cli = MixupCLI(
+def _fit_cli(args: list[str]) -> MixupCLI:
+    """``lightning-manifold-mixup fit`` with ``args``, run in-process as the console script does."""
+    return MixupCLI(
         MixupClassifier,
         L.LightningDataModule,
         subclass_mode_data=True,
-        args=[
-            "fit",
+        args=["fit", *args],
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_trains_two_steps_with_the_callback(config: str, tmp_path: Path) -> None:
+    cli = _fit_cli(
+        [
             "--config",
             str(CONFIGS / config),
             f"--trainer.default_root_dir={tmp_path}",
             *SHORT,
             *OVERRIDES.get(config, []),
-        ],
-        save_config_kwargs={"overwrite": True},
+        ]
     )
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]
     assert len(callbacks) == 1 and callbacks[0].eligible[0] == "input"
@@ -61,12 +67,8 @@ def test_every_config_trains_two_steps_with_the_callback(config: str, tmp_path: 
 
 
 def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
-    cli = MixupCLI(
-        MixupClassifier,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=[
-            "fit",
+    cli = _fit_cli(
+        [
             "--data=lightning_manifold_mixup.data.SpiralsDataModule",
             "--model.backbone=lightning_manifold_mixup.models.MLP",
             "--model.backbone.in_features=2",
@@ -76,8 +78,7 @@ def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
             "--trainer.callbacks.alpha=0.5",
             f"--trainer.default_root_dir={tmp_path}",
             *SHORT,
-        ],
-        save_config_kwargs={"overwrite": True},
+        ]
     )
     added = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]
     assert len(added) == 1

@@ -49,20 +49,26 @@ class Seen(L.Callback):
         self.rows.append((self.mixup.current.layer, self.mixup._calls, outputs["loss"].detach()))
 
 
-def check_precision(precision: str) -> None:
+def fit_and_record(max_steps: int, **trainer_kwargs: Any) -> tuple[ManifoldMixupCallback, Seen]:
+    """A short GPU fit of a narrow PreActResNet18 with the callback; returns what it saw."""
     cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
     seen = Seen(cb)
     model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10)
     L.Trainer(
         accelerator="gpu",
         devices=1,
-        precision=precision,
-        max_steps=6,
+        max_steps=max_steps,
         callbacks=[seen, cb],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
+        **trainer_kwargs,
     ).fit(model, loader())
+    return cb, seen
+
+
+def check_precision(precision: str) -> None:
+    _, seen = fit_and_record(6, precision=precision)
     for layer, calls, loss in seen.rows:
         assert loss.dtype == torch.float32 and torch.isfinite(loss), (precision, loss)
         assert layer == "input" or calls == 1, (precision, layer, calls)
@@ -98,19 +104,7 @@ def check_no_sync() -> None:
 
 
 def check_fsdp() -> None:
-    cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
-    seen = Seen(cb)
-    model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10)
-    L.Trainer(
-        accelerator="gpu",
-        devices=1,
-        strategy="fsdp",
-        max_steps=4,
-        callbacks=[seen, cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-    ).fit(model, loader())
+    cb, seen = fit_and_record(4, strategy="fsdp")
     assert all(layer == "input" or calls >= 1 for layer, calls, _ in seen.rows)
     print(f"ok  FSDP: eligible {cb.eligible}, {len(seen.rows)} steps mixed")
 
