@@ -86,16 +86,18 @@ class ManifoldMixupCallback(pl.Callback):
         cutmix_prob: chance that a mixed batch pastes a box from the partner sample instead of
             blending (CutMix on the input, PatchUp-style on hidden ``(B, C, H, W)`` states); lam
             is then the kept area fraction, and the targets use that lam.
-        pairing: ``"local"`` pairs each sample with one of its own rank's batch (each rank
-            draws its own layer, lam and permutation). ``"global"`` pairs it with a sample of
-            the global batch (every rank's batch, concatenated in rank order), for tiny
-            per-device batches: all ranks draw one shared layer, lam and permutation of the
-            ``world_size * B`` rows; the hidden states are all-gathered with autograd, so
-            gradients flow back to the rank that owns the partner row, and inputs and targets
-            are all-gathered too. It costs collectives every training batch, needs the same
-            batch size on every rank (``drop_last=True``) and cannot be combined with CutMix.
-            ``MixDecision.index`` then holds global row indices. With one process it behaves
-            as ``"local"`` (with a warning).
+        pairing: ``"local"`` pairs each sample with one of its own rank's batch (each
+            data-parallel replica draws its own layer, lam and permutation; the processes of
+            one tensor-parallel group read the same batch and draw the same). ``"global"``
+            pairs it with a sample of the global batch (every rank's batch, concatenated in
+            rank order), for tiny per-device batches: all ranks draw one shared layer, lam and
+            permutation of the ``world_size * B`` rows; the hidden states are all-gathered
+            with autograd, so gradients flow back to the rank that owns the partner row, and
+            inputs and targets are all-gathered too. It costs collectives every training
+            batch, needs the same batch size on every rank (``drop_last=True``) and cannot be
+            combined with CutMix. ``MixDecision.index`` then holds global row indices. With
+            one data-parallel replica it behaves as ``"local"`` (with a warning); with tensor
+            parallelism it is refused.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -218,6 +220,9 @@ class ManifoldMixupCallback(pl.Callback):
         self._warned_repeat: set[str] = set()
         # Whether this fit pairs across ranks (pairing="global" and more than one process).
         self._global = False
+        # This process's data shard: (replica index, number of replicas). Processes that read
+        # the same batch (tensor parallelism) share one stream so they mix it the same way.
+        self._replica = (0, 1)
 
     # ------------------------------------------------------------------ helpers for users
     @staticmethod
@@ -249,11 +254,20 @@ class ManifoldMixupCallback(pl.Callback):
         self._checked_labels = False
         self._warned_repeat = set()
         self._weights = self._layer_weight_array()
-        self._global = self.pairing == "global" and trainer.world_size > 1
+        self._replica = _data_parallel_replica(trainer)
+        replica_count = self._replica[1]
+        if self.pairing == "global" and 1 < replica_count != trainer.world_size:
+            raise MisconfigurationException(
+                f"pairing='global' gathers hidden states from every process, but this run's "
+                f"{trainer.world_size} processes hold {replica_count} data-parallel replicas "
+                "(the others split the model, e.g. tensor parallelism). Use pairing='local'."
+            )
+        self._global = self.pairing == "global" and replica_count > 1
         if self.pairing == "global" and not self._global:
             rank_zero_warn(
-                "ManifoldMixupCallback: pairing='global' has no effect in a single-process run "
-                "(world_size 1); samples are paired within the batch as with pairing='local'."
+                "ManifoldMixupCallback: pairing='global' has no effect with one data-parallel "
+                "replica (a single-process run); samples are paired within the batch as with "
+                "pairing='local'."
             )
         if self._global and not (dist.is_available() and dist.is_initialized()):
             raise MisconfigurationException(
@@ -333,7 +347,7 @@ class ManifoldMixupCallback(pl.Callback):
             # would otherwise wait for each other forever), lam and the global permutation.
             rng = np.random.default_rng([self._resolved_seed, _SHARED_STREAM, self._step])
         else:
-            rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, self._step])
+            rng = np.random.default_rng([self._resolved_seed, self._replica[0], self._step])
         self._step += 1
         x = self._get(batch, self.input_key, "input_key")
         y = self._get(batch, self.target_key, "target_key")
@@ -660,6 +674,19 @@ class ManifoldMixupCallback(pl.Callback):
             handle.remove()
         self._handles = []
         self.current = None
+
+
+def _data_parallel_replica(trainer: pl.Trainer) -> tuple[int, int]:
+    """(index, count) of the data shard this process trains on.
+
+    Lightning's distributed sampler arguments name it: the global rank under DDP and FSDP,
+    the data-parallel rank under ModelParallelStrategy, where the processes of one
+    tensor-parallel group read the same batch.
+    """
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)
+    if isinstance(kwargs, dict) and {"rank", "num_replicas"} <= kwargs.keys():
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return trainer.global_rank, trainer.world_size
 
 
 def _global_rows(t: Tensor) -> Tensor:

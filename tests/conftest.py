@@ -43,6 +43,32 @@ def make_loader(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+def mlp_with(weights: dict[str, torch.Tensor]) -> MLPClassifier:
+    model = MLPClassifier()
+    model.load_state_dict(weights)
+    return model
+
+
+def hand_mlp_loss(model: MLPClassifier, row: dict[str, Any]) -> torch.Tensor:
+    """The paper's mixup loss for one recorded step of an ``MLPClassifier``, by hand.
+
+    ``row`` holds the raw batch (``x``, ``y``) and the decision (``layer``, ``lam``,
+    ``index``); the mix ``lam * h + (1 - lam) * h[index]`` is applied after the chosen
+    module of ``net`` (or to the input), and the targets are mixed the same way.
+    """
+    lam, index, y = row["lam"], row["index"], row["y"]
+    h = row["x"]
+    if row["layer"] == "input":
+        h = lam * h + (1 - lam) * h[index]
+    for i, module in enumerate(model.net):
+        h = module(h)
+        if row["layer"] == f"net.{i}":
+            h = lam * h + (1 - lam) * h[index]
+    eye = torch.eye(model.num_classes)
+    target = lam * eye[y] + (1 - lam) * eye[y[index]]
+    return -(target * torch.log_softmax(h, -1)).sum(-1).mean()
+
+
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
     defaults: dict[str, Any] = {
         "accelerator": "cpu",

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import MLPClassifier, make_loader, quiet_trainer
+from conftest import MLPClassifier, hand_mlp_loss, make_loader, mlp_with, quiet_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.losses import soft_cross_entropy
 
@@ -85,21 +85,6 @@ def _draws(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[int]]]:
     return [(r["layer"], float(r["lam"]), r["index"].tolist()) for r in rows]
 
 
-def _hand_loss(row: dict[str, Any]) -> torch.Tensor:
-    model = MLPClassifier()
-    model.load_state_dict(row["weights"])
-    lam, index = row["lam"], row["index"]
-    h = row["x"]
-    if row["layer"] == "input":
-        h = lam * h + (1 - lam) * h[index]
-    for i, module in enumerate(model.net):
-        h = module(h)
-        if row["layer"] == f"net.{i}":
-            h = lam * h + (1 - lam) * h[index]
-    target = lam * torch.eye(4)[row["y"]] + (1 - lam) * torch.eye(4)[row["y"][index]]
-    return -(target * torch.log_softmax(h, -1)).sum(-1).mean()
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
@@ -122,7 +107,7 @@ def test_each_rank_mixes_its_own_shard_with_its_own_stream(ddp_runs: Path) -> No
 def test_each_ranks_loss_matches_a_single_process_hand_computation(ddp_runs: Path) -> None:
     for rows in _load(ddp_runs, "full"):
         for row in rows:
-            torch.testing.assert_close(row["loss"], _hand_loss(row))
+            torch.testing.assert_close(row["loss"], hand_mlp_loss(mlp_with(row["weights"]), row))
 
 
 def test_ddp_resume_continues_every_ranks_stream(ddp_runs: Path) -> None:

@@ -369,3 +369,21 @@ def test_targets_with_partner_equal_targets_with_index() -> None:
     torch.testing.assert_close(
         mix_targets_with_partner(y_float, y_float[index], lam), mix_targets(y_float, lam, index)
     )
+
+
+def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
+    """Four processes as 2 data-parallel replicas x 2 tensor-parallel shards (2D parallelism):
+    the gather would collect each replica's batch twice. (With one replica, global pairing is
+    local pairing and only warns.)"""
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    trainer: Any = SimpleNamespace(
+        world_size=4,
+        global_rank=1,
+        strategy=strategy,
+        loggers=[],
+        estimated_stepping_batches=float("inf"),
+    )
+    cb = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing="global", log=False)
+    with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel replicas"):
+        cb.on_fit_start(trainer, MLPClassifier())
+    assert cb._handles == []  # refused before any hook is registered
