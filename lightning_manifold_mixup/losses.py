@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -26,7 +27,10 @@ Criterion = Literal["ce", "bce"]
 Target = Tensor | MixedTarget
 
 
-def _no_autocast(device_type: str) -> torch.autocast:
+def _no_autocast(device_type: str) -> AbstractContextManager[Any]:
+    """Autocast off for ``device_type``; devices without autocast (e.g. ``meta``) need none."""
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
 
 

@@ -152,9 +152,13 @@ class ManifoldMixupMixin:
     def _build_train_metrics(self, num_classes: int) -> None:
         if num_classes < 2:
             rank_zero_warn("train_acc needs at least 2 classes; it is measured over 2")
-        self.train_loss_mean = MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes=max(num_classes, 2), average="micro")
-        self.train_mixed_acc = MeanMetric()
+        # No input checks: they read the tensors on the host, which would synchronise with
+        # the GPU every step (a NaN loss still shows as a NaN mean).
+        self.train_loss_mean = MeanMetric(nan_strategy="disable")
+        self.train_acc = MulticlassAccuracy(
+            num_classes=max(num_classes, 2), average="micro", validate_args=False
+        )
+        self.train_mixed_acc = MeanMetric(nan_strategy="disable")
 
     def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
         if not self._has_train_metrics():

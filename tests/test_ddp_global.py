@@ -384,6 +384,6 @@ def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
         estimated_stepping_batches=float("inf"),
     )
     cb = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing="global", log=False)
-    with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel replicas"):
+    with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel"):
         cb.on_fit_start(trainer, MLPClassifier())
     assert cb._handles == []  # refused before any hook is registered
