@@ -9,6 +9,8 @@
    torch.cuda.set_sync_debug_mode("error").
 3. FSDP (Lightning's FSDPStrategy, 1 device): names resolve through the wrappers and the
    chosen layer is mixed.
+4. DeepSpeed ZeRO stages 2 and 3 (1 device, bf16-mixed), when deepspeed is installed
+   (``pip install deepspeed``); Lightning refuses DeepSpeed on the CPU, so it runs only here.
 Prints one line per check and exits non-zero on the first failure.
 """
 
@@ -49,13 +51,17 @@ class Seen(L.Callback):
         self.rows.append((self.mixup.current.layer, self.mixup._calls, outputs["loss"].detach()))
 
 
-def fit_and_record(max_steps: int, **trainer_kwargs: Any) -> tuple[ManifoldMixupCallback, Seen]:
-    """A short GPU fit of a narrow PreActResNet18 with the callback; returns what it saw."""
+def fit_and_record(
+    max_steps: int, accelerator: str = "gpu", **trainer_kwargs: Any
+) -> tuple[ManifoldMixupCallback, Seen]:
+    """A short fit of a narrow PreActResNet18 with the callback; returns what it saw.
+
+    ``accelerator="cpu"`` is for the smoke test in tests/test_gpu_script.py only."""
     cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
     seen = Seen(cb)
     model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10)
     L.Trainer(
-        accelerator="gpu",
+        accelerator=accelerator,
         devices=1,
         max_steps=max_steps,
         callbacks=[seen, cb],
@@ -67,8 +73,8 @@ def fit_and_record(max_steps: int, **trainer_kwargs: Any) -> tuple[ManifoldMixup
     return cb, seen
 
 
-def check_precision(precision: str) -> None:
-    _, seen = fit_and_record(6, precision=precision)
+def check_precision(precision: str, accelerator: str = "gpu") -> None:
+    _, seen = fit_and_record(6, accelerator, precision=precision)
     for layer, calls, loss in seen.rows:
         assert loss.dtype == torch.float32 and torch.isfinite(loss), (precision, loss)
         assert layer == "input" or calls == 1, (precision, layer, calls)
@@ -109,6 +115,20 @@ def check_fsdp() -> None:
     print(f"ok  FSDP: eligible {cb.eligible}, {len(seen.rows)} steps mixed")
 
 
+def check_deepspeed() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        print("skip DeepSpeed: not installed (pip install deepspeed)")
+        return
+    for stage in (2, 3):
+        cb, seen = fit_and_record(4, strategy=f"deepspeed_stage_{stage}", precision="bf16-mixed")
+        for layer, calls, loss in seen.rows:
+            assert loss.dtype == torch.float32 and torch.isfinite(loss), (stage, loss)
+            assert layer == "input" or calls == 1, (stage, layer, calls)
+        print(f"ok  DeepSpeed ZeRO-{stage}: eligible {cb.eligible}, {len(seen.rows)} steps mixed")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -116,6 +136,7 @@ def main() -> None:
         check_precision(precision)
     check_no_sync()
     check_fsdp()
+    check_deepspeed()
 
 
 if __name__ == "__main__":
