@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -239,5 +240,8 @@ def test_runs_describe_themselves_in_hparams_and_summary(tmp_path: Path) -> None
     _fit(cb, logger=logger)
     text = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
     assert "net.1" in text and "alpha: 2.0" in text and "seed: 4" in text
+    arguments = inspect.signature(ManifoldMixupCallback.__init__).parameters.keys() - {"self"}
+    assert arguments == cb.hparams().keys()  # every argument is recorded
+    assert all(f"{name}:" in text for name in arguments)
     assert sum(cb.summary["layers"].values()) == 8
     assert sum(cb.summary["lam_histogram"].values()) == 8
