@@ -158,8 +158,8 @@ class _PermuteRows(torch.autograd.Function):
     """``x[index]`` for a permutation ``index``, with a gather (not a scatter-add) backward.
 
     The gradient of a row permutation is the inverse permutation of the gradient; computing it
-    as a gather is about twice as fast on the CPU as the scatter-add autograd uses for
-    ``x[index]`` and deterministic on every device.
+    as a gather is faster on the CPU than the scatter-add autograd uses for ``x[index]``
+    (``benchmarks/mixing.py``) and deterministic on every device.
     """
 
     @staticmethod
