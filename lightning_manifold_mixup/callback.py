@@ -216,6 +216,8 @@ class ManifoldMixupCallback(pl.Callback):
         self._target: Any = None
         self._original_target: Any = None
         self._box_lam = 1.0
+        # (layer position, lam) of the batch in flight, counted and logged at its end.
+        self._pending_record: tuple[int, float] | None = None
         self._checked_labels = False
         self._warned_repeat: set[str] = set()
         # Whether this fit pairs across ranks (pairing="global" and more than one process).
@@ -240,8 +242,12 @@ class ManifoldMixupCallback(pl.Callback):
                 "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
                 "training_step(self, batch, batch_idx)."
             )
-        # Validate layer names before any training work (strategy setup, sanity check).
-        resolve_layers(pl_module, self.layers)
+        self._restored = False  # a state loaded by an earlier validate/test is not this fit's
+        # Validate layer names before any training work (strategy setup, sanity check), unless
+        # the module builds layers in its own setup or configure_model, which Lightning calls
+        # after this hook; on_fit_start checks them then, still before the sanity check.
+        if not _builds_layers_later(pl_module):
+            resolve_layers(pl_module, self.layers)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
@@ -249,6 +255,11 @@ class ManifoldMixupCallback(pl.Callback):
         self._resolved_classes = (
             self.num_classes if self.num_classes is not None else find_num_classes(pl_module)
         )
+        if not self._restored and _fresh_run(trainer):
+            # A new run (no checkpoint, no progress): start the stream from its beginning with
+            # the seed as it stands now, also when this callback object served an earlier fit.
+            self._step = 0
+            self._resolved_seed = None
         if self._resolved_seed is None:
             self._resolved_seed = self._initial_seed(trainer)
         self._checked_labels = False
@@ -343,7 +354,7 @@ class ManifoldMixupCallback(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self.current = None
+        self._clear_decision()
         assert self._resolved_seed is not None
         if self._global:
             # One stream for every rank: they must agree on the layer (the hook's collectives
@@ -354,6 +365,14 @@ class ManifoldMixupCallback(pl.Callback):
         self._step += 1
         x = self._get(batch, self.input_key, "input_key")
         y = self._get(batch, self.target_key, "target_key")
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                f"ManifoldMixupCallback: the target at target_key={self.target_key!r} is a "
+                f"{type(y).__name__}, not a tensor. With several training dataloaders each batch "
+                "holds one batch per loader, which cannot be mixed as one; train on a single "
+                "loader (or one dataset), or set target_key to where a (B,) / (B, C) target "
+                "tensor sits."
+            )
         batch_size = _batch_size(x)
         if y.ndim == 0 or y.shape[0] != batch_size:
             raise ValueError(
@@ -436,12 +455,8 @@ class ManifoldMixupCallback(pl.Callback):
         self._calls = 0
         self._in_backward = False
         self.current = decision
-        self._counts["layers"][draw.layer] += 1
-        lam_mean = float(lam_np.mean())
-        self._counts["lam"][min(int(lam_mean * _LAM_BINS), _LAM_BINS - 1)] += 1
-        if self.log_mixing:
-            pl_module.log("mixup/lam", lam_mean, on_step=True, on_epoch=False)
-            pl_module.log("mixup/layer", float(draw.layer), on_step=True, on_epoch=False)
+        # Counted and logged when the batch ends: hidden-state CutMix fixes lam in the hook.
+        self._pending_record = (draw.layer, float(lam_np.mean()))
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -457,14 +472,37 @@ class ManifoldMixupCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self._pending_record is not None:
+            layer, lam_mean = self._pending_record
+            self._counts["layers"][layer] += 1
+            self._counts["lam"][min(int(lam_mean * _LAM_BINS), _LAM_BINS - 1)] += 1
+            if self.log_mixing:
+                pl_module.log("mixup/lam", lam_mean, on_step=True, on_epoch=False)
+                pl_module.log("mixup/layer", float(layer), on_step=True, on_epoch=False)
         try:
-            self._check_layer_ran()
+            # outputs is empty when training_step returned None to skip the batch (its forward
+            # may not have run); steps that ran backward were checked in on_before_backward.
+            if outputs is not None and not (isinstance(outputs, Mapping) and not outputs):
+                self._check_layer_ran()
         finally:
-            self.current = None
-            self._target = self._original_target = None
+            self._clear_decision()
+
+    def _clear_decision(self) -> None:
+        self.current = None
+        self._pending_record = None
+        self._target = self._original_target = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A batch can end without on_train_batch_end (the module's on_train_batch_start
+        # returned -1 to stop the epoch): no later forward may be mixed with its decision.
+        self._clear_decision()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clear_decision()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        self._clear_decision()
         counts = self._counts
         self.summary = {
             "layers": dict(zip(self.eligible, counts["layers"], strict=True)),
@@ -560,8 +598,11 @@ class ManifoldMixupCallback(pl.Callback):
         box = cutmix_box(height, width, lam_wanted, decision.box_center)
         # The kept area fixes lam only now that H and W are known: correct the decision and
         # the targets in place (training_step holds these very tensors).
-        decision.lam.fill_(cutmix_lam(height, width, box))
+        kept = cutmix_lam(height, width, box)
+        decision.lam.fill_(kept)
         self._correct_targets(decision)
+        if self._pending_record is not None:
+            self._pending_record = (self._pending_record[0], kept)
         return cutmix_tensor(output, decision.index, box)
 
     def _correct_targets(self, decision: MixDecision) -> None:
@@ -627,12 +668,13 @@ class ManifoldMixupCallback(pl.Callback):
         if self.seed is not None:
             return self.seed
         global_seed = os.environ.get("PL_GLOBAL_SEED")
-        if global_seed is not None:
-            return int(global_seed)
-        # One draw on rank 0, shared with every rank, so a resumed run (which loads rank 0's
-        # state everywhere) continues each rank's stream.
-        seed: int = trainer.strategy.broadcast(secrets.randbits(31), src=0)
-        return int(seed)
+        seed = int(global_seed) if global_seed is not None else secrets.randbits(31)
+        if trainer.world_size > 1:
+            # Rank 0's seed for every rank: a run seeded per rank (seed_everything(base + rank))
+            # must still agree across ranks (global pairing and tensor-parallel groups draw
+            # together), and a resumed run loads rank 0's state everywhere.
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+        return seed
 
     def _get(self, batch: Any, key: int | str, what: str) -> Any:
         try:
@@ -655,6 +697,12 @@ class ManifoldMixupCallback(pl.Callback):
         if isinstance(batch, MutableSequence) and isinstance(key, int):
             batch[key] = value
             return
+        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+            raise TypeError(
+                f"ManifoldMixupCallback cannot rewrite a namedtuple batch "
+                f"({type(batch).__name__}) in place. Return a list or dict from your "
+                "collate_fn (ManifoldMixupMixin turns only plain tuples into lists)."
+            )
         raise TypeError(
             f"ManifoldMixupCallback cannot rewrite a {type(batch).__name__} batch in place. "
             "Return lists or dicts from your collate_fn, or subclass ManifoldMixupMixin, "
@@ -677,6 +725,28 @@ class ManifoldMixupCallback(pl.Callback):
             handle.remove()
         self._handles = []
         self.current = None
+
+
+def _builds_layers_later(pl_module: pl.LightningModule) -> bool:
+    """Whether the module defines configure_model or a setup of its own (beyond the mixin's),
+    where layers may be created after the callback's setup hook."""
+    for name in ("configure_model", "setup"):
+        owner = next(c for c in type(pl_module).__mro__ if name in vars(c))
+        if owner not in (pl.LightningModule, ManifoldMixupMixin) and owner.__module__.split(".")[
+            0
+        ] not in ("lightning", "pytorch_lightning"):
+            return True
+    return False
+
+
+def _fresh_run(trainer: pl.Trainer) -> bool:
+    """No checkpoint to resume and no training progress on this Trainer yet."""
+    if getattr(trainer, "ckpt_path", None) is not None:
+        return False
+    fit_loop = getattr(trainer, "fit_loop", None)
+    if fit_loop is None:  # a Trainer stand-in (benchmarks, tests) with only the basics
+        return getattr(trainer, "global_step", 0) == 0
+    return int(fit_loop.epoch_loop.batch_progress.total.ready) == 0
 
 
 def _data_parallel_replica(trainer: pl.Trainer) -> tuple[int, int]:

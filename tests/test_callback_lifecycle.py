@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import MLPClassifier, hook_counts, make_loader, quiet_trainer
-from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 
 class Twin(MLPClassifier):
@@ -249,3 +250,163 @@ def test_automatic_layers_are_announced_at_fit_start(caplog: pytest.LogCaptureFi
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
     assert cb.eligible == ["net.1", "net.3"]
     assert "mixing at ['net.1', 'net.3']" in caplog.text
+
+
+# ------------------------------------------------------- layers built late, skipped batches
+
+
+class LateMLP(ManifoldMixupMixin, L.LightningModule):
+    """Builds its network in configure_model, as Lightning recommends for sharded training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net: nn.Sequential | None = None
+        self.losses: list[torch.Tensor] = []
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(3)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put for the check
+
+
+def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
+    decisions: list[Any] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            decisions.append(cb.current)
+
+    model = LateMLP()
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=2)
+    loader = make_loader(n=8, batch_size=8)
+    quiet_trainer(max_steps=1, callbacks=[cb, Spy()]).fit(model, loader)
+    assert cb.eligible == ["net.1"]
+    (d,) = decisions
+    x, y = next(iter(loader))
+    assert model.net is not None
+    h = model.net[1](model.net[0](x))
+    h = d.lam * h + (1 - d.lam) * h[d.index]
+    target = d.lam * torch.eye(4)[y] + (1 - d.lam) * torch.eye(4)[y[d.index]]
+    expected = -(target * torch.log_softmax(model.net[2](h), -1)).sum(-1).mean()
+    torch.testing.assert_close(model.losses[0], expected)
+
+
+def test_an_unknown_layer_of_a_late_built_model_fails_before_the_sanity_check() -> None:
+    class Validating(LateMLP):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            raise AssertionError("the sanity check ran")
+
+    cb = ManifoldMixupCallback(layers=["net.7"], seed=0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[cb], num_sanity_val_steps=2)
+    with pytest.raises(ValueError, match=r"unknown layer 'net\.7'"):
+        trainer.fit(Validating(), make_loader(), make_loader())
+
+
+def test_a_batch_skipped_by_returning_none_does_not_stop_the_fit() -> None:
+    class Skipping(MLPClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if batch_idx == 1:
+                return None  # Lightning skips this batch; the model never ran
+            return super().training_step(batch, batch_idx)
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[cb])
+    trainer.fit(Skipping(), make_loader(n=64, batch_size=16))
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
+    assert cb.current is None
+
+
+def test_a_batch_that_stops_the_epoch_leaves_no_decision_behind() -> None:
+    """on_train_batch_start returning -1 ends the epoch without on_train_batch_end."""
+    outputs: dict[str, torch.Tensor] = {}
+    probe = torch.randn(5, 8)
+
+    class Stopping(MLPClassifier):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+            return -1 if batch_idx == 1 else None
+
+        def on_train_epoch_end(self) -> None:
+            outputs["after"] = self(probe).detach()
+            outputs["plain"] = self.net(probe).detach()
+
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    quiet_trainer(max_epochs=1, callbacks=[cb]).fit(Stopping(), make_loader())
+    assert cb.current is None
+    torch.testing.assert_close(outputs["after"], outputs["plain"], rtol=0, atol=0)
+
+
+# -------------------------------------------------------------- one callback, several fits
+
+
+def _draws_of_fit(cb: ManifoldMixupCallback, seed: int, **fit_kwargs: Any) -> list[Any]:
+    draws: list[Any] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            d = cb.current
+            draws.append((d.layer, float(d.lam), d.index.tolist()))
+
+    L.seed_everything(seed, verbose=False)
+    trainer = quiet_trainer(max_steps=3, callbacks=[cb, Spy()], **fit_kwargs)
+    trainer.fit(MLPClassifier(), make_loader())
+    return draws
+
+
+def test_a_reused_callback_starts_each_new_run_like_a_new_callback() -> None:
+    layers = ["input", "net.1", "net.3"]
+    reused = ManifoldMixupCallback(layers=layers)
+    first = _draws_of_fit(reused, seed=0)
+    second = _draws_of_fit(reused, seed=1)
+    assert first == _draws_of_fit(ManifoldMixupCallback(layers=layers), seed=0)
+    assert second == _draws_of_fit(ManifoldMixupCallback(layers=layers), seed=1)
+    assert reused.hparams()["seed"] == 1
+
+
+def test_state_loaded_by_test_does_not_leak_into_the_next_fit(tmp_path: Any) -> None:
+    layers = ["input", "net.1", "net.3"]
+    cb = ManifoldMixupCallback(layers=layers, seed=5)
+    model = MLPClassifier()
+    trainer = quiet_trainer(
+        max_steps=4, callbacks=[cb], enable_checkpointing=True, default_root_dir=tmp_path
+    )
+    trainer.fit(model, make_loader())
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+
+    class Testing(MLPClassifier):
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            pass
+
+    quiet_trainer(callbacks=[cb]).test(Testing(), make_loader(), ckpt_path=str(ckpt))
+    fresh = ManifoldMixupCallback(layers=layers, seed=5)
+    assert _draws_of_fit(cb, seed=0) == _draws_of_fit(fresh, seed=0)
+
+
+def test_without_a_seed_every_rank_takes_rank_zeros_seed(monkeypatch: Any) -> None:
+    """A run seeded per rank (seed_everything(base + rank)) still shares one stream seed."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "41")  # this rank's own seed
+    strategy = SimpleNamespace(broadcast=lambda obj, src: 40 if src == 0 else obj)
+    trainer: Any = SimpleNamespace(
+        world_size=2,
+        global_rank=1,
+        strategy=strategy,
+        loggers=[],
+        global_step=0,
+        estimated_stepping_batches=float("inf"),
+    )
+    cb = ManifoldMixupCallback(layers=["net.1"])
+    cb.on_fit_start(trainer, MLPClassifier())
+    cb.teardown(trainer, MLPClassifier(), "fit")
+    assert cb.hparams()["seed"] == 40

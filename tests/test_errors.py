@@ -232,3 +232,26 @@ def test_dataloader_iter_training_steps_are_refused_before_training() -> None:
     with pytest.raises(MisconfigurationException, match="takes a dataloader_iter"):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
     assert model.global_step == 0
+
+
+def test_several_training_dataloaders_get_a_clear_error() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[cb])
+    with pytest.raises(TypeError, match=r"target at target_key=1 is a list, not a tensor"):
+        trainer.fit(MLPClassifier(), [make_loader(), make_loader(seed=1)])
+    assert trainer.global_step == 0
+
+
+def test_namedtuple_batches_get_a_clear_error() -> None:
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", ["x", "y"])
+
+    def collate(rows: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+        return Pair(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
+
+    ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 4, (8,)))
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[cb])
+    with pytest.raises(TypeError, match=r"cannot rewrite a namedtuple batch \(Pair\)"):
+        trainer.fit(MLPClassifier(), DataLoader(ds, batch_size=4, collate_fn=collate))

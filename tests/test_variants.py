@@ -198,6 +198,25 @@ def test_hidden_cutmix_pastes_a_box_and_targets_use_the_kept_area() -> None:
         torch.testing.assert_close(r["y"], d.lam * eye[y_b] + (1 - d.lam) * eye[y_b[d.index]])
 
 
+def test_hidden_cutmix_logs_and_counts_the_kept_area_lam() -> None:
+    kept: list[float] = []
+    logged: list[float] = []
+
+    class Spy(L.Callback):  # after the mixup callback: sees the hook's lam, then the log
+        def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
+            kept.append(float(cb.current.lam))  # type: ignore[union-attr]
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            logged.append(float(trainer.callback_metrics["mixup/lam"]))
+
+    _, _, loader = _images()
+    cb = ManifoldMixupCallback(layers=["net.1"], cutmix_prob=1.0, seed=0)
+    quiet_trainer(callbacks=[cb, Spy()], max_epochs=1).fit(ConvNet(), loader)
+    assert logged == pytest.approx(kept) and len(kept) == 4
+    bins = [min(int(lam * 10), 9) for lam in kept]
+    assert list(cb.summary["lam_histogram"].values()) == [bins.count(i) for i in range(10)]
+
+
 def test_input_cutmix_matches_the_hand_computation() -> None:
     x, y, loader = _images()
     model = ConvNet()
