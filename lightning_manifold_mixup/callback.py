@@ -69,7 +69,8 @@ class ManifoldMixupCallback(pl.Callback):
         input_key: where the input sits in the batch (int for sequences, str for dicts).
         target_key: where the target sits in the batch.
         seed: seed of the mixing stream; ``None`` uses Lightning's global seed
-            (``seed_everything``) or else a random seed broadcast from rank 0.
+            (``seed_everything``) or else a random seed, taken from rank 0 when there are
+            several processes.
         log: log ``mixup/lam`` and ``mixup/layer`` (the position in the eligible set) each step.
         targets: ``"soft"`` rewrites integer labels to ``(B, C)`` soft targets; ``"pair"``
             to a :class:`~lightning_manifold_mixup.mixing.MixedTarget` ``(y_a, y_b, lam)``,
