@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MLPClassifier, hook_counts, make_loader, quiet_trainer
+from conftest import MLPClassifier, fake_trainer, hook_counts, make_loader, quiet_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 
@@ -398,14 +398,7 @@ def test_without_a_seed_every_rank_takes_rank_zeros_seed(monkeypatch: Any) -> No
     """A run seeded per rank (seed_everything(base + rank)) still shares one stream seed."""
     monkeypatch.setenv("PL_GLOBAL_SEED", "41")  # this rank's own seed
     strategy = SimpleNamespace(broadcast=lambda obj, src: 40 if src == 0 else obj)
-    trainer: Any = SimpleNamespace(
-        world_size=2,
-        global_rank=1,
-        strategy=strategy,
-        loggers=[],
-        global_step=0,
-        estimated_stepping_batches=float("inf"),
-    )
+    trainer = fake_trainer(world_size=2, global_rank=1, strategy=strategy)
     cb = ManifoldMixupCallback(layers=["net.1"])
     cb.on_fit_start(trainer, MLPClassifier())
     cb.teardown(trainer, MLPClassifier(), "fit")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from conftest import MLPClassifier, make_loader, quiet_trainer
+from conftest import MLPClassifier, fake_trainer, make_loader, quiet_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     MixedTarget,
@@ -232,15 +232,7 @@ def _drive_hooks_by_hand(rank: int, out: Path) -> None:
     torch.manual_seed(0)  # one initialisation on every rank, as DDP's broadcast would give
     module = MLPClassifier()
     torch.manual_seed(1 + rank)
-    trainer: Any = SimpleNamespace(
-        world_size=WORLD,
-        global_rank=rank,
-        strategy=None,
-        loggers=[],
-        global_step=0,
-        current_epoch=0,
-        estimated_stepping_batches=float("inf"),
-    )
+    trainer = fake_trainer(world_size=WORLD, global_rank=rank)
     seen: dict[str, torch.Tensor] = {}
     module.net[2].register_forward_pre_hook(lambda m, a: seen.update(h=a[0].detach()))
     x, y = torch.randn(B, 8), torch.randint(0, 4, (B,))
@@ -376,13 +368,7 @@ def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
     the gather would collect each replica's batch twice. (With one replica, global pairing is
     local pairing and only warns.)"""
     strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
-    trainer: Any = SimpleNamespace(
-        world_size=4,
-        global_rank=1,
-        strategy=strategy,
-        loggers=[],
-        estimated_stepping_batches=float("inf"),
-    )
+    trainer = fake_trainer(world_size=4, global_rank=1, strategy=strategy)
     cb = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing="global", log=False)
     with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel"):
         cb.on_fit_start(trainer, MLPClassifier())

@@ -15,7 +15,6 @@ once, in the first mixed batch, to check their range
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -23,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MLPClassifier
+from conftest import MLPClassifier, fake_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 
@@ -53,15 +52,7 @@ def _train(cb: ManifoldMixupCallback, model: Any, shape: tuple[int, ...], steps:
     batches with the model and data on the meta device; returns the meta steps' decisions."""
     model.log = lambda *args, **kwargs: None
     model.setup("fit")
-    trainer: Any = SimpleNamespace(
-        global_rank=0,
-        world_size=1,
-        strategy=None,
-        loggers=[],
-        global_step=0,
-        current_epoch=0,
-        estimated_stepping_batches=100,
-    )
+    trainer = fake_trainer(estimated_stepping_batches=100)
     cb.on_fit_start(trainer, model)
     decisions = []
 
