@@ -403,3 +403,42 @@ def test_without_a_seed_every_rank_takes_rank_zeros_seed(monkeypatch: Any) -> No
     cb.on_fit_start(trainer, MLPClassifier())
     cb.teardown(trainer, MLPClassifier(), "fit")
     assert cb.hparams()["seed"] == 40
+
+
+def test_lr_find_before_fit_leaves_the_fit_as_without_it() -> None:
+    """Lightning's learning-rate finder runs a short fit with only its own callback (so without
+    mixing) and restores the model from a checkpoint afterwards."""
+    from lightning.pytorch.tuner import Tuner
+
+    class Tunable(MLPClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lr = 0.1
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def fit_draws(tune: bool) -> tuple[list[Any], list[Any]]:
+        cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=3)
+        seen: list[Any] = []
+
+        class Spy(L.Callback):
+            def on_train_batch_start(self, *args: Any) -> None:
+                d = cb.current
+                seen.append((d.layer, float(d.lam), d.index.tolist()))
+
+        model = Tunable()
+        before = hook_counts(model)
+        trainer = quiet_trainer(max_steps=4, callbacks=[cb, Spy()])
+        if tune:
+            Tuner(trainer).lr_find(model, make_loader(n=256), num_training=10)
+        during_tuning = list(seen)
+        seen.clear()
+        trainer.fit(model, make_loader(n=256))
+        assert {k: v for k, v in hook_counts(model).items() if k in before} == before
+        return during_tuning, seen
+
+    _, plain = fit_draws(tune=False)
+    tuning, after_tuning = fit_draws(tune=True)
+    assert tuning == []  # the finder swaps in its own callback list: no step was mixed
+    assert after_tuning == plain and len(plain) == 4
