@@ -108,6 +108,22 @@ class ManualDriver:
     def end(self, batch: list[Any]) -> None:
         self.cb.on_train_batch_end(self.trainer, self.module, None, batch, 0)  # type: ignore[arg-type]
 
+    def train_step(
+        self,
+        batch: list[Any],
+        optimizer: torch.optim.Optimizer,
+        forward: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        """One mixed SGD step: hooks, forward (``forward`` or the module), ``mixup_loss``,
+        backward, optimizer step."""
+        self.start(batch)
+        logits = (forward or self.module)(batch[0])
+        loss = self.module.mixup_loss(logits, batch[1])  # type: ignore[operator]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        self.end(batch)
+
     def close(self) -> None:
         self.cb.teardown(self.trainer, self.module, "fit")  # type: ignore[arg-type]
 

@@ -72,13 +72,7 @@ def step_fns(device: torch.device, batch: int, backend: str) -> tuple[dict[str, 
         opt_a.step()
 
     def mixed() -> None:
-        b = [x, y]
-        driver.start(b)
-        loss = mix_mod.mixup_loss(mix_mod(b[0]), b[1])
-        opt_b.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_b.step()
-        driver.end(b)
+        driver.train_step([x, y], opt_b)
 
     return {"compiled_plain": plain, "compiled_callback": mixed}, driver.close
 

@@ -66,10 +66,7 @@ def build_variants(
         driver = ManualDriver(cb, modules[i], global_rank=rank, world_size=WORLD)
 
         def run() -> None:
-            data = [x, y]
-            driver.start(data)
-            step(opts[i], modules[i].mixup_loss(ddps[i](data[0]), data[1]))
-            driver.end(data)
+            driver.train_step([x, y], opts[i], forward=ddps[i])
 
         return run, driver.close
 

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -731,13 +732,9 @@ class ManifoldMixupCallback(pl.Callback):
 def _builds_layers_later(pl_module: pl.LightningModule) -> bool:
     """Whether the module defines configure_model or a setup of its own (beyond the mixin's),
     where layers may be created after the callback's setup hook."""
-    for name in ("configure_model", "setup"):
-        owner = next(c for c in type(pl_module).__mro__ if name in vars(c))
-        if owner not in (pl.LightningModule, ManifoldMixupMixin) and owner.__module__.split(".")[
-            0
-        ] not in ("lightning", "pytorch_lightning"):
-            return True
-    return False
+    setup = type(pl_module).setup
+    own_setup = setup not in (pl.LightningModule.setup, ManifoldMixupMixin.setup)
+    return own_setup or is_overridden("configure_model", pl_module)
 
 
 def _fresh_run(trainer: pl.Trainer) -> bool:

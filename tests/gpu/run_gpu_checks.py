@@ -88,21 +88,12 @@ def check_no_sync() -> None:
     driver = ManualDriver(cb, model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     batches = [[x.to(device), y.to(device)] for x, y in loader()]
-
-    def step(batch: list[Any]) -> None:
-        driver.start(batch)
-        loss = model.mixup_loss(model(batch[0]), batch[1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        driver.end(batch)
-
-    step(list(batches[0]))  # the one-time label-range check reads the labels here
+    driver.train_step(list(batches[0]), opt)  # the one-time label-range check reads labels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for batch in batches[1:]:
-            step(list(batch))
+            driver.train_step(list(batch), opt)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     driver.close()
