@@ -135,51 +135,52 @@ class ManifoldMixupCallback(pl.Callback):
             problems.append(f"layers must be a list of names, not the string {layers!r}")
         elif layers is not None and len(layers) == 0:
             problems.append("layers is empty: give at least one name, or None for automatic")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-            problems.append(f"alpha must be a number > 0 (Beta(alpha, alpha)), got {alpha!r}")
-        if not isinstance(probability, (int, float)) or not 0.0 <= probability <= 1.0:
-            problems.append(f"probability must be in [0, 1], got {probability!r}")
-        if lam_mode not in ("batch", "sample"):
-            problems.append(f"lam_mode must be 'batch' or 'sample', got {lam_mode!r}")
-        if num_classes is not None and (isinstance(num_classes, bool) or num_classes < 2):
-            problems.append(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
-            problems.append(f"seed must be a non-negative integer or None, got {seed!r}")
-        if targets not in ("soft", "pair"):
-            problems.append(f"targets must be 'soft' or 'pair', got {targets!r}")
+        _check_number(
+            problems, "alpha", alpha, "a number > 0 (Beta(alpha, alpha))", lo=0.0, lo_open=True
+        )
+        _check_number(problems, "probability", probability, "in [0, 1]", lo=0.0, hi=1.0)
+        _check_choice(problems, "lam_mode", lam_mode, ("batch", "sample"))
+        if num_classes is not None:
+            _check_number(
+                problems, "num_classes", num_classes, "an integer >= 2", lo=2, integer=True
+            )
+        if seed is not None:
+            _check_number(
+                problems, "seed", seed, "a non-negative integer or None", lo=0, integer=True
+            )
+        _check_choice(problems, "targets", targets, ("soft", "pair"))
         for key_name, key in (("input_key", input_key), ("target_key", target_key)):
             if not isinstance(key, (int, str)) or isinstance(key, bool):
                 problems.append(f"{key_name} must be an int or a str, got {key!r}")
         if input_key == target_key:
             problems.append(f"input_key and target_key are both {input_key!r}")
         if layer_weights is not None and (
-            len(layer_weights) == 0 or any(w < 0 for w in layer_weights) or sum(layer_weights) <= 0
+            isinstance(layer_weights, str)
+            or len(layer_weights) == 0
+            or not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in layer_weights)
+            or sum(layer_weights) <= 0
         ):
             problems.append(
-                f"layer_weights must be non-negative with a positive sum, got {layer_weights!r}"
+                "layer_weights must be finite non-negative numbers with a positive sum, got "
+                f"{layer_weights!r}"
             )
-        if lam_transform not in ("none", "max"):
-            problems.append(f"lam_transform must be 'none' or 'max', got {lam_transform!r}")
-        if fixed_lam is not None and not 0.0 <= fixed_lam <= 1.0:
-            problems.append(f"fixed_lam must be in [0, 1] or None, got {fixed_lam!r}")
-        if alpha_schedule not in ("constant", "linear", "cosine"):
-            problems.append(
-                f"alpha_schedule must be 'constant', 'linear' or 'cosine', got {alpha_schedule!r}"
+        _check_choice(problems, "lam_transform", lam_transform, ("none", "max"))
+        if fixed_lam is not None:
+            _check_number(problems, "fixed_lam", fixed_lam, "in [0, 1] or None", lo=0.0, hi=1.0)
+        _check_choice(problems, "alpha_schedule", alpha_schedule, ("constant", "linear", "cosine"))
+        _check_number(problems, "warmup_steps", warmup_steps, "an integer >= 0", lo=0, integer=True)
+        if stop_epoch is not None:
+            _check_number(
+                problems, "stop_epoch", stop_epoch, "an integer >= 0 or None", lo=0, integer=True
             )
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            problems.append(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if stop_epoch is not None and (not isinstance(stop_epoch, int) or stop_epoch < 0):
-            problems.append(f"stop_epoch must be an integer >= 0 or None, got {stop_epoch!r}")
-        if not isinstance(cutmix_prob, (int, float)) or not 0.0 <= cutmix_prob <= 1.0:
-            problems.append(f"cutmix_prob must be in [0, 1], got {cutmix_prob!r}")
-        elif cutmix_prob > 0 and lam_mode == "sample":
-            problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
-        if pairing not in ("local", "global"):
-            problems.append(f"pairing must be 'local' or 'global', got {pairing!r}")
-        elif pairing == "global" and isinstance(cutmix_prob, (int, float)) and cutmix_prob > 0:
-            problems.append(
-                "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
-            )
+        if _check_number(problems, "cutmix_prob", cutmix_prob, "in [0, 1]", lo=0.0, hi=1.0):
+            if cutmix_prob > 0 and lam_mode == "sample":
+                problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
+            if cutmix_prob > 0 and pairing == "global":
+                problems.append(
+                    "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
+                )
+        _check_choice(problems, "pairing", pairing, ("local", "global"))
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
 
@@ -187,19 +188,19 @@ class ManifoldMixupCallback(pl.Callback):
         self.alpha = float(alpha)
         self.probability = float(probability)
         self.lam_mode: LamMode = lam_mode
-        self.num_classes = num_classes
+        self.num_classes = None if num_classes is None else int(num_classes)
         self.input_key = input_key
         self.target_key = target_key
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         # Lightning assigns `callback.log = pl_module.log` at fit start, so the flag lives here.
         self.log_mixing = log
         self.targets: TargetMode = targets
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.lam_transform: LamTransform = lam_transform
-        self.fixed_lam = fixed_lam
+        self.fixed_lam = None if fixed_lam is None else float(fixed_lam)
         self.alpha_schedule: AlphaSchedule = alpha_schedule
-        self.warmup_steps = warmup_steps
-        self.stop_epoch = stop_epoch
+        self.warmup_steps = int(warmup_steps)
+        self.stop_epoch = None if stop_epoch is None else int(stop_epoch)
         self.cutmix_prob = float(cutmix_prob)
         self.pairing: Pairing = pairing
         self.summary: dict[str, Any] = {}
@@ -727,6 +728,42 @@ class ManifoldMixupCallback(pl.Callback):
             handle.remove()
         self._handles = []
         self.current = None
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy scalar); booleans are not numbers here."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _check_number(
+    problems: list[str],
+    name: str,
+    value: Any,
+    expected: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    integer: bool = False,
+) -> bool:
+    """Append a problem unless ``value`` is a finite number (an integer if asked) in range."""
+    kind_ok = _is_number(value) and (not integer or isinstance(value, (int, np.integer)))
+    ok = kind_ok and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        problems.append(f"{name} must be {expected}, got {value!r}")
+    return ok
+
+
+def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        problems.append(f"{name} must be {options}, got {value!r}")
 
 
 def _builds_layers_later(pl_module: pl.LightningModule) -> bool:

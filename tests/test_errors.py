@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -34,6 +35,51 @@ from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(MisconfigurationException, match=message):
         ManifoldMixupCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": float("inf")}, r"alpha must be a number > 0 .*got inf"),
+        ({"alpha": float("nan")}, r"alpha must be a number > 0 .*got nan"),
+        ({"alpha": True}, r"alpha must be a number > 0 .*got True"),
+        ({"probability": True}, r"probability must be in \[0, 1\], got True"),
+        ({"probability": float("nan")}, r"probability must be in \[0, 1\], got nan"),
+        ({"warmup_steps": True}, r"warmup_steps must be an integer >= 0, got True"),
+        ({"warmup_steps": 2.5}, r"warmup_steps must be an integer >= 0, got 2\.5"),
+        ({"stop_epoch": True}, r"stop_epoch must be an integer >= 0 or None, got True"),
+        ({"num_classes": "10"}, r"num_classes must be an integer >= 2, got '10'"),
+        ({"num_classes": 3.0}, r"num_classes must be an integer >= 2, got 3\.0"),
+        ({"layer_weights": [1.0, float("nan")]}, r"layer_weights must be finite .*nan"),
+        ({"layer_weights": [1.0, float("inf")]}, r"layer_weights must be finite .*inf"),
+        ({"layer_weights": ["a", 1]}, r"layer_weights must be finite .*'a'"),
+        ({"fixed_lam": "a"}, r"fixed_lam must be in \[0, 1\] or None, got 'a'"),
+        ({"fixed_lam": float("nan")}, r"fixed_lam must be in \[0, 1\] or None, got nan"),
+        ({"cutmix_prob": float("inf")}, r"cutmix_prob must be in \[0, 1\], got inf"),
+        ({"seed": 1.5}, r"seed must be a non-negative integer or None, got 1\.5"),
+    ],
+    ids=str,
+)
+def test_constructor_rejects_non_finite_and_non_numbers(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        ManifoldMixupCallback(**kwargs)
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    cb = ManifoldMixupCallback(
+        alpha=np.float32(0.5),
+        probability=np.float64(0.5),
+        num_classes=np.int64(3),
+        warmup_steps=np.int64(2),
+        stop_epoch=np.int32(4),
+        fixed_lam=np.float32(0.25),
+        seed=np.int64(7),
+        layer_weights=[np.float32(1.0), 2],
+    )
+    assert (cb.alpha, cb.num_classes, cb.warmup_steps, cb.stop_epoch) == (0.5, 3, 2, 4)
+    assert type(cb.num_classes) is int and type(cb.seed) is int and cb.fixed_lam == 0.25
 
 
 def test_constructor_reports_every_problem_at_once() -> None:
