@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -35,12 +36,12 @@ from lightning_manifold_mixup.mixing import (
     mix_with_partner,
     sample_decision,
 )
+from lightning_manifold_mixup.record import MixRecord, step_completes
 
 TargetMode = Literal["soft", "pair"]
 LamTransform = Literal["none", "max"]
 AlphaSchedule = Literal["constant", "linear", "cosine"]
 Pairing = Literal["local", "global"]
-_LAM_BINS = 10
 _STATE_VERSION = 1
 # Second word of the shared stream's seed for pairing="global": no rank reaches it, so the
 # shared stream never coincides with a rank's own stream [seed, rank, step].
@@ -213,14 +214,25 @@ class ManifoldMixupCallback(pl.Callback):
         self._resolved_classes: int | None = None
         self._handles: list[RemovableHandle] = []
         self._calls = 0
+        # Forwards are mixed only inside training_step (the window) and during backward
+        # (activation checkpointing recomputing them); runs in backward are not counted.
+        self._in_step = False
         self._in_backward = False
-        self._counts: dict[str, Any] = {"layers": [], "lam": [0] * _LAM_BINS, "unmixed": 0}
+        # A batch has started and not ended: a checkpoint written now (on an exception)
+        # resumes by replaying it, so its draw is not yet consumed.
+        self._in_flight = False
+        self._automatic = True
+        # Runs per eligible layer in the first training step of a fit, when all are checked.
+        self._probe: dict[str, int] | None = None
+        self._record = MixRecord([])
+        self._unwrap_step: Any = None
         self._weights: np.ndarray | None = None
         self._target: Any = None
         self._original_target: Any = None
         self._box_lam = 1.0
         # (layer position, lam) of the batch in flight, counted and logged at its end.
         self._pending_record: tuple[int, float] | None = None
+        self._batch_size = 0
         self._checked_labels = False
         self._warned_repeat: set[str] = set()
         # Whether this fit pairs across ranks (pairing="global" and more than one process).
@@ -228,6 +240,11 @@ class ManifoldMixupCallback(pl.Callback):
         # This process's data shard: (replica index, number of replicas). Processes that read
         # the same batch (tensor parallelism) share one stream so they mix it the same way.
         self._replica = (0, 1)
+
+    @property
+    def mixup_batch_keys(self) -> tuple[int | str, int | str]:
+        """``(input_key, target_key)``: where the mixin's default ``training_step`` reads."""
+        return self.input_key, self.target_key
 
     # ------------------------------------------------------------------ helpers for users
     @staticmethod
@@ -296,7 +313,10 @@ class ManifoldMixupCallback(pl.Callback):
                 f"alpha_schedule={self.alpha_schedule!r} needs a finite run length: set "
                 "max_epochs or max_steps on the Trainer, or use alpha_schedule='constant'"
             )
-        self._counts = {"layers": [0] * len(self.eligible), "lam": [0] * _LAM_BINS, "unmixed": 0}
+        self._record = MixRecord(self.eligible)
+        self._automatic = bool(pl_module.automatic_optimization)
+        self._probe = {name: 0 for name in self.eligible if name != INPUT}
+        self._wrap_training_step(pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
         if not isinstance(pl_module, ManifoldMixupMixin):
@@ -346,7 +366,7 @@ class ManifoldMixupCallback(pl.Callback):
             return 0.0
         scale = 1.0
         if self.alpha_schedule != "constant":
-            progress = min(trainer.global_step / max(trainer.estimated_stepping_batches, 1), 1.0)
+            progress = _run_progress(trainer, batches_done=self._step)
             scale = 1.0 - progress
             if self.alpha_schedule == "cosine":
                 scale = 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -365,7 +385,10 @@ class ManifoldMixupCallback(pl.Callback):
             rng = np.random.default_rng([self._resolved_seed, _SHARED_STREAM, self._step])
         else:
             rng = np.random.default_rng([self._resolved_seed, self._replica[0], self._step])
+        alpha = self.alpha_at(trainer)
         self._step += 1
+        self._in_flight = True
+        self._in_step = True  # until training_step returns (see _wrap_training_step)
         x = self._get(batch, self.input_key, "input_key")
         y = self._get(batch, self.target_key, "target_key")
         if not isinstance(y, Tensor):
@@ -383,6 +406,9 @@ class ManifoldMixupCallback(pl.Callback):
                 f"has shape {tuple(y.shape)}. Check input_key={self.input_key!r} and "
                 f"target_key={self.target_key!r}."
             )
+        self._batch_size = batch_size
+        if self._probe is not None and INPUT in self.eligible:
+            _check_input_mixable(x, batch_size, self.input_key)
         world = trainer.world_size if self._global else 1
         if self._global:
             _check_equal_batch_sizes(batch_size, y.device)
@@ -390,14 +416,14 @@ class ManifoldMixupCallback(pl.Callback):
             rng,
             batch_size=world * batch_size,
             num_layers=len(self.eligible),
-            alpha=self.alpha_at(trainer),
+            alpha=alpha,
             probability=self.probability,
             lam_mode=self.lam_mode,
             layer_weights=self._weights,
             cutmix_prob=self.cutmix_prob,
         )
         if draw is None:
-            self._counts["unmixed"] += 1
+            self._record.add_unmixed()
             return
         lam_np, perm = draw.lam, draw.perm
         if self._global:
@@ -422,8 +448,8 @@ class ManifoldMixupCallback(pl.Callback):
             box = cutmix_box(x.shape[-2], x.shape[-1], self._box_lam, box_center)
             lam_np = np.asarray(cutmix_lam(x.shape[-2], x.shape[-1], box), dtype=np.float32)
         device = y.device
-        lam = torch.as_tensor(lam_np, dtype=torch.float32).to(device, non_blocking=True)
-        index = torch.from_numpy(perm).to(device, non_blocking=True)
+        lam = _to_device(np.asarray(lam_np, dtype=np.float32), device)
+        index = _to_device(perm, device)
         decision = MixDecision(layer, draw.layer, lam, index, box_center)
 
         self._original_target = y
@@ -447,13 +473,9 @@ class ManifoldMixupCallback(pl.Callback):
                 else:
                     mixed, count = mix_nested(x, lam, index, batch_size)
                 if count == 0:
-                    raise ValueError(
-                        "input mixup needs a floating-point input at "
-                        f"input_key={self.input_key!r}, got {_describe(x)}. Remove 'input' from "
-                        "layers for integer inputs (token ids) and mix a hidden layer instead."
-                    )
-            self._set(batch, self.input_key, mixed)
-        self._set(batch, self.target_key, new_target)
+                    _check_input_mixable(x, batch_size, self.input_key)
+            _set(batch, self.input_key, mixed, pl_module)
+        _set(batch, self.target_key, new_target, pl_module)
         self._target = new_target
         self._calls = 0
         self._in_backward = False
@@ -464,8 +486,15 @@ class ManifoldMixupCallback(pl.Callback):
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
-        self._check_layer_ran()
+        if self._automatic:
+            # Every forward of the step has run; with manual optimization more may follow
+            # an earlier manual_backward, so the checks wait for the batch's end there.
+            self._finish_probe()
+            self._check_layer_ran()
         self._in_backward = True
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._in_backward = False
 
     def on_train_batch_end(
         self,
@@ -475,17 +504,16 @@ class ManifoldMixupCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._in_flight = False
         if self._pending_record is not None:
-            layer, lam_mean = self._pending_record
-            self._counts["layers"][layer] += 1
-            self._counts["lam"][min(int(lam_mean * _LAM_BINS), _LAM_BINS - 1)] += 1
-            if self.log_mixing:
-                pl_module.log("mixup/lam", lam_mean, on_step=True, on_epoch=False)
-                pl_module.log("mixup/layer", float(layer), on_step=True, on_epoch=False)
+            self._record.add(*self._pending_record)
+        if step_completes(trainer, pl_module):
+            self._record.end_step(trainer, self.log_mixing)
         try:
             # outputs is empty when training_step returned None to skip the batch (its forward
             # may not have run); steps that ran backward were checked in on_before_backward.
             if outputs is not None and not (isinstance(outputs, Mapping) and not outputs):
+                self._finish_probe()
                 self._check_layer_ran()
         finally:
             self._clear_decision()
@@ -494,11 +522,13 @@ class ManifoldMixupCallback(pl.Callback):
         self.current = None
         self._pending_record = None
         self._target = self._original_target = None
+        self._in_step = self._in_backward = False
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A batch can end without on_train_batch_end (the module's on_train_batch_start
         # returned -1 to stop the epoch): no later forward may be mixed with its decision.
         self._clear_decision()
+        self._in_flight = False
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clear_decision()
@@ -506,15 +536,7 @@ class ManifoldMixupCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         self._clear_decision()
-        counts = self._counts
-        self.summary = {
-            "layers": dict(zip(self.eligible, counts["layers"], strict=True)),
-            "lam_histogram": {
-                f"{i / _LAM_BINS:.1f}-{(i + 1) / _LAM_BINS:.1f}": n
-                for i, n in enumerate(counts["lam"])
-            },
-            "unmixed_batches": counts["unmixed"],
-        }
+        self.summary = self._record.summary()
         rank_zero_info(f"ManifoldMixupCallback (rank 0) summary: {self.summary}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -527,7 +549,9 @@ class ManifoldMixupCallback(pl.Callback):
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "seed": self._resolved_seed, "step": self._step}
+        # A batch in flight (a checkpoint written on an exception) is replayed on resume.
+        step = self._step - 1 if self._in_flight else self._step
+        return {"version": _STATE_VERSION, "seed": self._resolved_seed, "step": step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version")
@@ -557,6 +581,10 @@ class ManifoldMixupCallback(pl.Callback):
     # ------------------------------------------------------------------ internals
     def _make_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if not (self._in_step or self._in_backward):
+                return None  # a forward outside the training step (another hook, a probe)
+            if self._probe is not None and not self._in_backward:
+                self._probe_run(name, output)
             decision = self.current
             if decision is None or decision.layer != name:
                 return None
@@ -693,25 +721,6 @@ class ManifoldMixupCallback(pl.Callback):
                 f"{'input' if what == 'input_key' else 'target'}."
             ) from err
 
-    def _set(self, batch: Any, key: int | str, value: Any) -> None:
-        if isinstance(batch, MutableMapping):
-            batch[key] = value
-            return
-        if isinstance(batch, MutableSequence) and isinstance(key, int):
-            batch[key] = value
-            return
-        if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-            raise TypeError(
-                f"ManifoldMixupCallback cannot rewrite a namedtuple batch "
-                f"({type(batch).__name__}) in place. Return a list or dict from your "
-                "collate_fn (ManifoldMixupMixin turns only plain tuples into lists)."
-            )
-        raise TypeError(
-            f"ManifoldMixupCallback cannot rewrite a {type(batch).__name__} batch in place. "
-            "Return lists or dicts from your collate_fn, or subclass ManifoldMixupMixin, "
-            "which turns tuple batches into lists before the callback sees them."
-        )
-
     def _layer_weight_array(self) -> np.ndarray | None:
         if self.layer_weights is None:
             return None
@@ -727,7 +736,64 @@ class ManifoldMixupCallback(pl.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._unwrap_step is not None:
+            self._unwrap_step()
+            self._unwrap_step = None
         self.current = None
+
+    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
+        """Close the mixing window when ``training_step`` returns: later forwards (another
+        callback's probe, ``on_before_optimizer_step``) see the unmixed model."""
+        original = pl_module.training_step
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_step = False
+
+        pl_module.__dict__["training_step"] = training_step
+
+        def unwrap() -> None:
+            if pl_module.__dict__.get("training_step") is training_step:
+                del pl_module.__dict__["training_step"]
+
+        self._unwrap_step = unwrap
+
+    def _probe_run(self, name: str, output: Any) -> None:
+        """First training step: count the layer's runs and check its output can be mixed."""
+        assert self._probe is not None
+        self._probe[name] += 1
+        if self._probe[name] == 1 and map_nested(output, lambda h: h, self._batch_size)[1] == 0:
+            raise ValueError(
+                f"ManifoldMixupCallback: layer {name!r} returned {_describe(output)}, which "
+                f"holds no floating tensor with batch dimension {self._batch_size} to mix. "
+                "Choose layers whose output is a (B, ...) float tensor (or a tuple/dict holding "
+                "one)."
+            )
+
+    def _finish_probe(self) -> None:
+        """After the first training step's forwards: every eligible layer ran, once."""
+        probe, self._probe = self._probe, None
+        if probe is None:
+            return
+        silent = [name for name, runs in probe.items() if runs == 0]
+        if silent:
+            raise RuntimeError(
+                f"ManifoldMixupCallback: layers {silent} did not run during the first training "
+                "step: mixing there would mix the targets and not the features. Remove them "
+                "from layers, or make sure training_step calls them."
+            )
+        repeated = {name: runs for name, runs in probe.items() if runs > 1}
+        if repeated:
+            self._warned_repeat.update(repeated)
+            rank_zero_warn(
+                f"ManifoldMixupCallback: layers run more than once per training step {repeated} "
+                "(weight sharing, recurrence, or several forwards in one step). When one of them "
+                "is chosen, every run gets the same mix; leave them out of layers if that is "
+                "not intended."
+            )
 
 
 def _is_number(value: Any) -> bool:
@@ -764,6 +830,71 @@ def _check_choice(problems: list[str], name: str, value: Any, choices: tuple[str
     if value not in choices:
         options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
         problems.append(f"{name} must be {options}, got {value!r}")
+
+
+def _run_progress(trainer: pl.Trainer, batches_done: int) -> float:
+    """Fraction of the run done, in [0, 1]: optimizer steps against ``max_steps`` and
+    batches against ``max_epochs`` (a batch may take several optimizer steps, as with two
+    optimizers under manual optimization), whichever limit is nearer."""
+    fractions = [0.0]
+    max_steps = getattr(trainer, "max_steps", -1)
+    if max_steps is not None and max_steps > 0:
+        fractions.append(trainer.global_step / max_steps)
+    fit_loop = getattr(trainer, "fit_loop", None)
+    max_epochs = getattr(trainer, "max_epochs", None)
+    per_epoch = getattr(trainer, "num_training_batches", math.inf)
+    if fit_loop is None:  # a stand-in with only the estimate of the run's optimizer steps
+        fractions.append(trainer.global_step / max(trainer.estimated_stepping_batches, 1))
+    elif max_epochs is not None and max_epochs > 0 and math.isfinite(per_epoch):
+        fractions.append(batches_done / max(max_epochs * per_epoch, 1))
+    return min(max(fractions), 1.0)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on ``device`` without a synchronising copy: through pinned memory on CUDA
+    (the caching host allocator keeps the buffer until the copy has run)."""
+    t = torch.from_numpy(array)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def _check_input_mixable(x: Any, batch_size: int, input_key: int | str) -> None:
+    """Input mixup needs every batch-sized tensor of the input to be floating point."""
+    _, floats = map_nested(x, lambda t: t, batch_size)
+    if floats == 0:
+        raise ValueError(
+            "input mixup needs a floating-point input at "
+            f"input_key={input_key!r}, got {_describe(x)}. Remove 'input' from "
+            "layers for integer inputs (token ids) and mix a hidden layer instead."
+        )
+
+
+def _set(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) -> None:
+    """Write ``value`` into the batch in place (Lightning hands this object to training_step)."""
+    if isinstance(batch, MutableMapping) or (
+        isinstance(batch, MutableSequence) and isinstance(key, int)
+    ):
+        batch[key] = value
+        return
+    kind = f"{type(batch).__name__} batch"
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        kind = f"namedtuple batch ({type(batch).__name__})"
+        fix = "Return a list or dict from your collate_fn (the mixin converts only plain tuples)."
+    elif isinstance(pl_module, ManifoldMixupMixin):
+        fix = (
+            "The mixin turns tuples into lists in on_after_batch_transfer, but Lightning calls "
+            "a LightningDataModule's on_after_batch_transfer instead when it defines one: "
+            "return a list there (list(batch)), or a list or dict from your collate_fn."
+        )
+    else:
+        fix = (
+            "Return lists or dicts from your collate_fn, or subclass ManifoldMixupMixin, which "
+            "turns tuple batches into lists before the callback sees them."
+        )
+    raise TypeError(f"ManifoldMixupCallback cannot rewrite a {kind} in place. {fix}")
 
 
 def _builds_layers_later(pl_module: pl.LightningModule) -> bool:

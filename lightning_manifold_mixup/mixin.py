@@ -7,10 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_manifold_mixup.losses import Criterion, Target, mixup_loss
 from lightning_manifold_mixup.mixing import MixedTarget
@@ -119,18 +116,58 @@ class ManifoldMixupMixin:
         return batch
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Default step for ``(x, y)`` classification batches: loss and train accuracy.
+        """Default step for classification batches: ``mixup_loss`` of ``self(x)`` and ``y``.
 
-        Logs ``train_loss``, ``train_acc`` (accuracy against the dominant class of the mixed
-        target) and ``train_mixed_acc`` (against both labels, weighted by lam) per step and per
-        epoch; epoch values are reduced across processes by torchmetrics, so no collective
-        runs per step.
+        ``x`` and ``y`` are read at the callback's ``input_key`` and ``target_key`` (0 and 1
+        without the callback). Logging costs no host-device synchronisation per step: see
+        :meth:`log_train_metrics`.
         """
-        x, y = batch[0], batch[1]
+        input_key, target_key = _batch_keys(self)
+        x, y = batch[input_key], batch[target_key]
         logits = self(x)  # type: ignore[operator]
         loss = self.mixup_loss(logits, y)
-        self._log_train_metrics(loss, logits, y)
+        self.log_train_metrics(loss, logits, y)
         return loss
+
+    def log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
+        """Train metrics the Lightning way, without a per-step host read.
+
+        Every step adds the loss to a device-side epoch sum (one in-place add). On Lightning's
+        logging steps (``log_every_n_steps``) it logs that batch's ``train_loss_step`` and
+        ``train_acc_step`` (progress bar) and ``train_mixed_acc_step``: accuracy against the
+        dominant class of the mixed target and against both labels weighted by lam. At the end
+        of each training epoch :meth:`on_train_epoch_end` logs ``train_loss_epoch``, the mean
+        over the epoch's rows, reduced across processes.
+        """
+        rows = logits.shape[0]
+        sums = getattr(self, "_train_loss_sum", None)
+        if sums is None or sums.device != loss.device:
+            sums = self._train_loss_sum = torch.zeros((), device=loss.device)
+            self._train_rows = 0
+        sums.add_(loss.detach().float(), alpha=rows)
+        self._train_rows += rows
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer._logger_connector.should_update_logs:
+            return
+        detached = logits.detach()
+        step_metrics = {
+            "train_loss_step": loss.detach(),
+            "train_acc_step": (detached.argmax(-1) == dominant_class(target)).float().mean(),
+        }
+        log_dict = self.log_dict  # type: ignore[attr-defined]
+        log_dict(step_metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=rows)
+        mixed = mixed_accuracy(detached, target).mean()
+        self.log("train_mixed_acc_step", mixed, on_step=True, on_epoch=False, batch_size=rows)  # type: ignore[attr-defined]
+
+    def on_train_epoch_end(self) -> None:
+        """Log ``train_loss_epoch``; subclasses that override this hook call ``super()``."""
+        super().on_train_epoch_end()  # type: ignore[misc]
+        rows = getattr(self, "_train_rows", 0)
+        if rows:
+            mean = self._train_loss_sum / rows
+            self.log("train_loss_epoch", mean, prog_bar=True, sync_dist=True)  # type: ignore[attr-defined]
+            self._train_loss_sum.zero_()
+            self._train_rows = 0
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
@@ -139,37 +176,13 @@ class ManifoldMixupMixin:
         warnings.filterwarnings(
             "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but"
         )
-        # Build the metrics outside training_step, so a compiled training_step does not trace
-        # their construction; the lazy path in _log_train_metrics covers unknown class counts.
-        num_classes = find_num_classes(self)
-        if stage == "fit" and num_classes is not None and not self._has_train_metrics():
-            self._build_train_metrics(num_classes)
 
-    def _has_train_metrics(self) -> bool:
-        # Rebuilding on a second fit would orphan the objects Lightning has already logged.
-        return isinstance(getattr(self, "train_acc", None), MulticlassAccuracy)
 
-    def _build_train_metrics(self, num_classes: int) -> None:
-        if num_classes < 2:
-            rank_zero_warn("train_acc needs at least 2 classes; it is measured over 2")
-        # No input checks: they read the tensors on the host, which would synchronise with
-        # the GPU every step (a NaN loss still shows as a NaN mean).
-        self.train_loss_mean = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(
-            num_classes=max(num_classes, 2), average="micro", validate_args=False
-        )
-        self.train_mixed_acc = MeanMetric(nan_strategy="disable")
-
-    def _log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
-        if not self._has_train_metrics():
-            self._build_train_metrics(logits.shape[-1])
-            self.train_loss_mean.to(logits.device)
-            self.train_acc.to(logits.device)
-            self.train_mixed_acc.to(logits.device)
-        self.train_loss_mean(loss.detach())
-        self.train_acc(logits.detach(), dominant_class(target))
-        self.train_mixed_acc(mixed_accuracy(logits.detach(), target))
-        log = self.log  # type: ignore[attr-defined]
-        log("train_loss", self.train_loss_mean, on_step=True, on_epoch=True, prog_bar=True)
-        log("train_acc", self.train_acc, on_step=True, on_epoch=True, prog_bar=True)
-        log("train_mixed_acc", self.train_mixed_acc, on_step=True, on_epoch=True)
+def _batch_keys(module: object) -> tuple[Any, Any]:
+    """``(input_key, target_key)`` of the fit's ``ManifoldMixupCallback``, else ``(0, 1)``."""
+    trainer = getattr(module, "_trainer", None)
+    for callback in getattr(trainer, "callbacks", ()):
+        keys = getattr(callback, "mixup_batch_keys", None)
+        if keys is not None:
+            return keys
+    return 0, 1

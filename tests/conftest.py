@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+from lightning.pytorch.loggers import Logger
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -83,6 +84,31 @@ def fake_trainer(**fields: Any) -> Any:
         "estimated_stepping_batches": float("inf"),
     }
     return SimpleNamespace(**{**defaults, **fields})
+
+
+class RecordingLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def values(self, key: str) -> list[float]:
+        return [float(m[key]) for _, m in self.rows if key in m]
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MLPClassifier, fake_trainer, hook_counts, make_loader, quiet_trainer
+from conftest import (
+    MLPClassifier,
+    RecordingLogger,
+    fake_trainer,
+    hook_counts,
+    make_loader,
+    quiet_trainer,
+)
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 
@@ -126,34 +133,56 @@ def test_current_is_none_outside_training_batches() -> None:
     assert seen == [None, None]
 
 
-def test_lam_and_layer_are_logged() -> None:
+def test_lam_and_layer_are_logged_to_the_loggers_on_logging_steps() -> None:
     cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=0)
-    lams: list[float] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            lams.append(float(trainer.callback_metrics["mixup/lam"]))
-
-    class Grab(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            pass
-
     decisions: list[Any] = []
 
     class Before(L.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
             decisions.append(cb.current)
 
-    quiet_trainer(max_steps=3, callbacks=[Before(), cb, Spy()]).fit(MLPClassifier(), make_loader())
-    assert lams == pytest.approx([float(d.lam) for d in decisions])
+    logger = RecordingLogger()
+    trainer = quiet_trainer(
+        max_steps=4, callbacks=[Before(), cb], logger=logger, log_every_n_steps=2
+    )
+    trainer.fit(MLPClassifier(), make_loader())
+    # Logging steps 2 and 4 (Lightning's 0-based steps 1 and 3), the decision of that step
+    assert logger.values("mixup/lam") == pytest.approx([float(decisions[i].lam) for i in (1, 3)])
+    assert logger.values("mixup/layer") == [decisions[i].layer_index for i in (1, 3)]
+    assert [step for step, m in logger.rows if "mixup/lam" in m] == [1, 3]
+    assert "mixup/lam" not in trainer.callback_metrics  # no per-step device tensor
+
+
+def test_accumulated_micro_batches_log_their_mean_lam() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+    decisions: list[Any] = []
+
+    class Before(L.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            decisions.append(cb.current)
+
+    logger = RecordingLogger()
+    trainer = quiet_trainer(
+        max_steps=2,
+        callbacks=[Before(), cb],
+        logger=logger,
+        log_every_n_steps=1,
+        accumulate_grad_batches=2,
+    )
+    trainer.fit(MLPClassifier(), make_loader())
+    lams = [float(d.lam) for d in decisions]
+    assert len(lams) == 4
+    expected = [(lams[0] + lams[1]) / 2, (lams[2] + lams[3]) / 2]
+    assert logger.values("mixup/lam") == pytest.approx(expected)
 
 
 def test_logging_can_be_switched_off() -> None:
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0, log=False)
-    trainer = quiet_trainer(max_steps=2, callbacks=[cb])
+    logger = RecordingLogger()
+    trainer = quiet_trainer(max_steps=2, callbacks=[cb], logger=logger, log_every_n_steps=1)
     trainer.fit(MLPClassifier(), make_loader())
-    assert "mixup/lam" not in trainer.callback_metrics
-    assert "train_loss" in trainer.callback_metrics
+    assert logger.values("mixup/lam") == []
+    assert logger.values("train_loss_step") != []
 
 
 def _tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:

@@ -27,6 +27,7 @@ class DigitsMLP(ManifoldMixupMixin, L.LightningModule):
         return self.net(x)
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()  # the mixin logs train_loss_epoch here
         self.epoch_losses.append(float(self.trainer.callback_metrics["train_loss_epoch"]))
 
     def configure_optimizers(self) -> Any:

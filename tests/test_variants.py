@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MLPClassifier, make_loader, quiet_trainer
+from conftest import MLPClassifier, RecordingLogger, make_loader, quiet_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -200,18 +200,17 @@ def test_hidden_cutmix_pastes_a_box_and_targets_use_the_kept_area() -> None:
 
 def test_hidden_cutmix_logs_and_counts_the_kept_area_lam() -> None:
     kept: list[float] = []
-    logged: list[float] = []
 
     class Spy(L.Callback):  # after the mixup callback: sees the hook's lam, then the log
         def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
             kept.append(float(cb.current.lam))  # type: ignore[union-attr]
 
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            logged.append(float(trainer.callback_metrics["mixup/lam"]))
-
     _, _, loader = _images()
     cb = ManifoldMixupCallback(layers=["net.1"], cutmix_prob=1.0, seed=0)
-    quiet_trainer(callbacks=[cb, Spy()], max_epochs=1).fit(ConvNet(), loader)
+    logger = RecordingLogger()
+    trainer = quiet_trainer(callbacks=[cb, Spy()], max_epochs=1, logger=logger, log_every_n_steps=1)
+    trainer.fit(ConvNet(), loader)
+    logged = logger.values("mixup/lam")
     assert logged == pytest.approx(kept) and len(kept) == 4
     bins = [min(int(lam * 10), 9) for lam in kept]
     assert list(cb.summary["lam_histogram"].values()) == [bins.count(i) for i in range(10)]
