@@ -37,6 +37,7 @@ from lightning_manifold_mixup.mixing import (
     sample_decision,
 )
 from lightning_manifold_mixup.record import MixRecord, step_completes
+from lightning_manifold_mixup.stream import KeyedStream
 
 TargetMode = Literal["soft", "pair"]
 LamTransform = Literal["none", "max"]
@@ -226,6 +227,7 @@ class ManifoldMixupCallback(pl.Callback):
         self._probe: dict[str, int] | None = None
         self._record = MixRecord([])
         self._unwrap_step: Any = None
+        self._stream: KeyedStream | None = None
         self._weights: np.ndarray | None = None
         self._target: Any = None
         self._original_target: Any = None
@@ -379,12 +381,13 @@ class ManifoldMixupCallback(pl.Callback):
     ) -> None:
         self._clear_decision()
         assert self._resolved_seed is not None
-        if self._global:
-            # One stream for every rank: they must agree on the layer (the hook's collectives
-            # would otherwise wait for each other forever), lam and the global permutation.
-            rng = np.random.default_rng([self._resolved_seed, _SHARED_STREAM, self._step])
-        else:
-            rng = np.random.default_rng([self._resolved_seed, self._replica[0], self._step])
+        if self._stream is None or self._stream.seed != self._resolved_seed:
+            self._stream = KeyedStream(self._resolved_seed)
+        # With global pairing one stream for every rank: they must agree on the layer (the
+        # hook's collectives would otherwise wait for each other forever), lam and the global
+        # permutation.
+        stream = _SHARED_STREAM if self._global else self._replica[0]
+        rng = self._stream.generator(stream, self._step)
         alpha = self.alpha_at(trainer)
         self._step += 1
         self._in_flight = True
@@ -512,7 +515,9 @@ class ManifoldMixupCallback(pl.Callback):
         try:
             # outputs is empty when training_step returned None to skip the batch (its forward
             # may not have run); steps that ran backward were checked in on_before_backward.
-            if outputs is not None and not (isinstance(outputs, Mapping) and not outputs):
+            # With manual optimization training_step returns None by design.
+            ran = outputs is not None and not (isinstance(outputs, Mapping) and not outputs)
+            if ran or not self._automatic:
                 self._finish_probe()
                 self._check_layer_ran()
         finally:
@@ -591,13 +596,8 @@ class ManifoldMixupCallback(pl.Callback):
             # Runs during backward are activation checkpointing recomputing the forward: they
             # get the same mix but are neither counted nor warned about.
             self._calls += not self._in_backward
-            if self._calls == 2 and not self._in_backward and name not in self._warned_repeat:
-                self._warned_repeat.add(name)
-                rank_zero_warn(
-                    f"ManifoldMixupCallback: layer {name!r} ran more than once in one training "
-                    "step (weight sharing, recurrence or activation checkpointing). Every run "
-                    "gets the same mix; pick a layer that runs once if that is not intended."
-                )
+            if self._calls == 2 and not self._in_backward:
+                self._warn_repeated({name: 2})
             if decision.box_center is not None:
                 return self._cutmix_hidden(name, output, decision)
             batch_size = decision.index.shape[0]
@@ -668,6 +668,9 @@ class ManifoldMixupCallback(pl.Callback):
                 f"integer targets must be class labels of shape (B,), got shape "
                 f"{tuple(y.shape)}. Multi-label targets must be float (B, C) tensors."
             )
+        if y.dtype != torch.int64:  # uint8/int16/int32 labels: scatter and gather take int64
+            y = y.long()
+            partner = None if partner is None else partner.long()
         if self.targets == "pair":
             if partner is not None:
                 return mix_targets_with_partner(y, partner, decision.lam, pair=True)
@@ -679,21 +682,21 @@ class ManifoldMixupCallback(pl.Callback):
                 "ManifoldMixupCallback(num_classes=...), set self.num_classes on the "
                 "LightningModule, or save it with self.save_hyperparameters()"
             )
-        # Checking the range reads the labels on the host: do it for every CPU batch, and once
-        # for accelerator batches so steady-state steps do not synchronise.
-        if y.device.type == "cpu" or not self._checked_labels:
+        # Partner labels come from other ranks, whose own check runs only after this one.
+        labels = y if partner is None else torch.cat([y, partner])
+        # Reading the labels on the host synchronises with an accelerator: check the first
+        # mixed batch only. Later out-of-range labels fail in the CPU scatter (checked below)
+        # or in the loss.
+        if not self._checked_labels:
             self._checked_labels = True
-            # Partner labels come from other ranks, whose own check runs only after this one.
-            labels = y if partner is None else torch.cat([y, partner])
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(
-                    f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
-                    "Fix num_classes or the dataset's labels."
-                )
-        if partner is not None:
-            return mix_targets_with_partner(y, partner, decision.lam, num_classes=num_classes)
-        return mix_targets(y, decision.lam, decision.index, num_classes=num_classes)
+            _check_label_range(labels, num_classes)
+        try:
+            if partner is not None:
+                return mix_targets_with_partner(y, partner, decision.lam, num_classes=num_classes)
+            return mix_targets(y, decision.lam, decision.index, num_classes=num_classes)
+        except RuntimeError:
+            _check_label_range(labels, num_classes)
+            raise
 
     def _initial_seed(self, trainer: pl.Trainer) -> int:
         if self.seed is not None:
@@ -785,15 +788,20 @@ class ManifoldMixupCallback(pl.Callback):
                 "step: mixing there would mix the targets and not the features. Remove them "
                 "from layers, or make sure training_step calls them."
             )
-        repeated = {name: runs for name, runs in probe.items() if runs > 1}
-        if repeated:
-            self._warned_repeat.update(repeated)
-            rank_zero_warn(
-                f"ManifoldMixupCallback: layers run more than once per training step {repeated} "
-                "(weight sharing, recurrence, or several forwards in one step). When one of them "
-                "is chosen, every run gets the same mix; leave them out of layers if that is "
-                "not intended."
-            )
+        self._warn_repeated({name: runs for name, runs in probe.items() if runs > 1})
+
+    def _warn_repeated(self, runs: dict[str, int]) -> None:
+        """Warn once per layer that runs more than once in a training step."""
+        fresh = {name: n for name, n in runs.items() if name not in self._warned_repeat}
+        if not fresh:
+            return
+        self._warned_repeat.update(fresh)
+        rank_zero_warn(
+            f"ManifoldMixupCallback: layers run more than once per training step {fresh} "
+            "(weight sharing, recurrence, or several forwards in one step). When one of them "
+            "is chosen, every run gets the same mix; leave them out of layers if that is "
+            "not intended."
+        )
 
 
 def _is_number(value: Any) -> bool:
@@ -895,6 +903,15 @@ def _set(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) 
             "turns tuple batches into lists before the callback sees them."
         )
     raise TypeError(f"ManifoldMixupCallback cannot rewrite a {kind} in place. {fix}")
+
+
+def _check_label_range(labels: Tensor, num_classes: int) -> None:
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
+            "Fix num_classes or the dataset's labels."
+        )
 
 
 def _builds_layers_later(pl_module: pl.LightningModule) -> bool:

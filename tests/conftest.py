@@ -7,8 +7,8 @@ from typing import Any
 
 import lightning as L
 import pytest
-from lightning.pytorch.loggers import Logger
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

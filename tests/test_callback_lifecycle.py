@@ -269,7 +269,7 @@ def test_a_layer_that_runs_twice_warns_once_and_gets_the_same_mix() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(max_steps=3, callbacks=[cb]).fit(Shared(), make_loader())
-    repeated = [w for w in caught if "ran more than once" in str(w.message)]
+    repeated = [w for w in caught if "run more than once" in str(w.message)]
     assert len(repeated) == 1
 
 

@@ -222,7 +222,9 @@ class Unused(MLPClassifier):
 def test_a_chosen_layer_that_never_runs_is_an_error_not_a_silent_target_mix() -> None:
     model = Unused()
     cb = ManifoldMixupCallback(layers=["spare"], seed=0)
-    with pytest.raises(RuntimeError, match=r"layers \['spare'\] did not run during the first training step"):
+    with pytest.raises(
+        RuntimeError, match=r"layers \['spare'\] did not run during the first training step"
+    ):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
     assert cb.current is None
     assert len(model.spare._forward_hooks) == 0
