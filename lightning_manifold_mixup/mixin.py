@@ -150,14 +150,25 @@ class ManifoldMixupMixin:
         if trainer is None or not trainer._logger_connector.should_update_logs:
             return
         detached = logits.detach()
-        step_metrics = {
-            "train_loss_step": loss.detach(),
-            "train_acc_step": (detached.argmax(-1) == dominant_class(target)).float().mean(),
-        }
+        values = torch.stack(
+            [
+                loss.detach().float(),
+                (detached.argmax(-1) == dominant_class(target)).float().mean(),
+                mixed_accuracy(detached, target).float().mean(),
+            ]
+        )
+        # One device-to-host copy on logging steps: Lightning re-reads progress-bar values at
+        # every later step, which must then be host tensors, not device ones.
+        loss_v, acc_v, mixed_v = values.to("cpu", copy=True).unbind()
         log_dict = self.log_dict  # type: ignore[attr-defined]
-        log_dict(step_metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=rows)
-        mixed = mixed_accuracy(detached, target).mean()
-        self.log("train_mixed_acc_step", mixed, on_step=True, on_epoch=False, batch_size=rows)  # type: ignore[attr-defined]
+        log_dict(
+            {"train_loss_step": loss_v, "train_acc_step": acc_v},
+            on_step=True,
+            on_epoch=False,
+            prog_bar=True,
+            batch_size=rows,
+        )
+        log_dict({"train_mixed_acc_step": mixed_v}, on_step=True, on_epoch=False, batch_size=rows)
 
     def on_train_epoch_end(self) -> None:
         """Log ``train_loss_epoch``; subclasses that override this hook call ``super()``."""
