@@ -97,7 +97,8 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module inside any wrappers (compile, checkpointing, FSDP, DDP), or ``module``."""
     while True:
         inner = next(
             (
@@ -113,8 +114,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, child in _unwrap(module).named_children():
-        yield name, _unwrap(child)
+    for name, child in unwrap_module(module).named_children():
+        yield name, unwrap_module(child)
 
 
 def _is_stage(module: nn.Module) -> bool:
@@ -250,7 +251,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
         ['1', '3']
     """
     out: list[str] = []
-    root = _unwrap(model)
+    root = unwrap_module(model)
     _collect(root, "", isinstance(root, (nn.Sequential, nn.ModuleList)), out, None)
     seen: dict[str, None] = {}
     for name in out:
