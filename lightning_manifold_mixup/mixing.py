@@ -525,8 +525,9 @@ def _not_floating_error(
             "embedding's output), or move such tensors out of the input into another key of the "
             "batch."
         )
+    at = f" at output{path}" if path else ""
     return ValueError(
-        f"{where} returned {held} at output{path}, which holds the batch of {batch_size} but no "
+        f"{where} returned {held}{at}, which holds the batch of {batch_size} but no "
         "floating values to mix (mixing needs floating point), and leaving it unmixed would "
         "pair it with mixed features. Choose a layer whose output holds only floating batch "
         "tensors (e.g. the module that consumes it)."
