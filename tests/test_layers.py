@@ -126,7 +126,7 @@ TORCHVISION_ZOO: list[Any] = [
     pytest.param("swin_v2_t", marks=pytest.mark.slow),
     pytest.param("convnext_tiny", marks=pytest.mark.slow),
     "mobilenet_v2",
-    "mobilenet_v3_small",
+    pytest.param("mobilenet_v3_small", marks=pytest.mark.slow),
     pytest.param("mobilenet_v3_large", marks=pytest.mark.slow),
     pytest.param("efficientnet_b0", marks=pytest.mark.slow),
     pytest.param("efficientnet_v2_s", marks=pytest.mark.slow),
