@@ -153,12 +153,18 @@ def _on_every_path(module: nn.Module) -> set[str] | None:
     out. ``None`` when the forward cannot be
     traced (data-dependent control flow, no forward).
     """
+    # The forward runs once on symbolic values: attributes it assigns (a cached activation)
+    # would keep those values, so the module's own attributes are put back afterwards.
+    saved = dict(vars(module))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             graph = _OneLevelTracer(module).trace(module)
         except Exception:
             return None
+        finally:
+            vars(module).clear()
+            vars(module).update(saved)
     nodes = list(graph.nodes)
     source = next((n for n in nodes if n.op == "placeholder"), None)
     sink = next((n for n in nodes if n.op == "output"), None)

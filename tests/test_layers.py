@@ -256,6 +256,23 @@ def test_an_activation_called_twice_is_not_selected() -> None:
     assert candidate_layers(Holder(SharedActivation())) == ["net.out"]
 
 
+class CachesFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.last: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.last = self.body(x)
+        return self.last
+
+
+def test_selection_leaves_attributes_assigned_in_forward_untouched() -> None:
+    model = CachesFeatures()
+    assert candidate_layers(model) == ["body.1"]
+    assert model.last is None
+
+
 def test_vit_candidates_are_the_encoder_blocks() -> None:
     model, _ = _build(lambda: torchvision.models.vit_b_16())
     assert candidate_layers(model) == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
