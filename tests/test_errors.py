@@ -167,6 +167,30 @@ def test_a_layer_whose_output_holds_no_float_tensor_is_refused() -> None:
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(BoolLayer(), make_loader())
 
 
+class BatchMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=0)
+
+
+class MeanLayer(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary = BatchMean()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - self.summary(x))
+
+
+def test_a_layer_whose_output_does_not_hold_the_batch_is_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["summary"], seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'summary' returned a torch\.float32 tensor of shape \(8,\), which holds no "
+        r"floating tensor with batch dimension 16",
+    ):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MeanLayer(), make_loader())
+
+
 class Unused(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
