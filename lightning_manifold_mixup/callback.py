@@ -29,8 +29,8 @@ from lightning_manifold_mixup.mixing import (
     cutmix_box,
     cutmix_lam,
     cutmix_tensor,
-    map_nested,
-    mix_nested,
+    map_batch,
+    mix_batch,
     mix_targets,
     mix_targets_with_partner,
     mix_with_partner,
@@ -463,7 +463,7 @@ class ManifoldMixupCallback(pl.Callback):
                 mixed: Any = cutmix_tensor(x, index, box)
             else:
                 if self._global:
-                    mixed, count = map_nested(
+                    mixed, count = map_batch(
                         x,
                         lambda t: mix_with_partner(
                             t,
@@ -472,9 +472,16 @@ class ManifoldMixupCallback(pl.Callback):
                             overwrite_partner=True,
                         ),
                         batch_size,
+                        where=f"the input at input_key={self.input_key!r}",
                     )
                 else:
-                    mixed, count = mix_nested(x, lam, index, batch_size)
+                    mixed, count = mix_batch(
+                        x,
+                        lam,
+                        index,
+                        batch_size,
+                        where=f"the input at input_key={self.input_key!r}",
+                    )
                 if count == 0:
                     _check_input_mixable(x, batch_size, self.input_key)
             _set(batch, self.input_key, mixed, pl_module)
@@ -602,11 +609,22 @@ class ManifoldMixupCallback(pl.Callback):
                 return self._cutmix_hidden(name, output, decision)
             batch_size = decision.index.shape[0]
             if self._global:
-                mixed, count = map_nested(
-                    output, lambda h: _mix_across_ranks(h, decision), batch_size
+                mixed, count = map_batch(
+                    output,
+                    lambda h: _mix_across_ranks(h, decision),
+                    batch_size,
+                    where=f"layer {name!r}",
+                    module=module,
                 )
             else:
-                mixed, count = mix_nested(output, decision.lam, decision.index, batch_size)
+                mixed, count = mix_batch(
+                    output,
+                    decision.lam,
+                    decision.index,
+                    batch_size,
+                    where=f"layer {name!r}",
+                    module=module,
+                )
             if count == 0:
                 raise ValueError(
                     f"layer {name!r} returned {_describe(output)}, which holds no floating "

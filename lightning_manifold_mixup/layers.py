@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
-from torch import nn
+from torch import fx, nn
 
 INPUT = "input"
 WRAPPER_SEGMENTS = frozenset(
@@ -95,7 +97,8 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """The module inside any wrappers (compile, checkpointing, FSDP, DDP), or ``module``."""
     while True:
         inner = next(
             (
@@ -111,8 +114,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
 
 
 def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, child in _unwrap(module).named_children():
-        yield name, _unwrap(child)
+    for name, child in unwrap_module(module).named_children():
+        yield name, unwrap_module(child)
 
 
 def _is_stage(module: nn.Module) -> bool:
@@ -124,46 +127,126 @@ def _is_stage(module: nn.Module) -> bool:
     )
 
 
-def _contains_sequence(module: nn.Module) -> bool:
-    return any(isinstance(m, (nn.Sequential, nn.ModuleList)) for m in _unwrap(module).modules())
+def _has_own_forward(module: nn.Module) -> bool:
+    """False for plain containers: a Sequential that only chains its elements, a ModuleList."""
+    forward = type(module).forward
+    return forward is not nn.Sequential.forward and forward is not nn.Module.forward
 
 
-def _collect(module: nn.Module, prefix: str, in_sequence: bool, out: list[str]) -> None:
-    kids = list(_children(module))
+class _OneLevelTracer(fx.Tracer):
+    """Traces only ``root.forward``: every submodule call stays one opaque node."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._root = root
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is not self._root
+
+
+def _on_every_path(module: nn.Module) -> set[str] | None:
+    """Submodule calls in ``module.forward`` that all of its input's data passes through.
+
+    Traces the forward one level deep with ``torch.fx`` and keeps the submodules (relative
+    dotted names) called once and whose removal disconnects the first input from the output: a
+    child bypassed by a skip connection or a parallel branch, or called several times, is left
+    out. ``None`` when the forward cannot be
+    traced (data-dependent control flow, no forward).
+    """
+    # The forward runs once on symbolic values: attributes it assigns (a cached activation)
+    # would keep those values, so the module's own attributes are put back afterwards.
+    saved = dict(vars(module))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            graph = _OneLevelTracer(module).trace(module)
+        except Exception:
+            return None
+        finally:
+            vars(module).clear()
+            vars(module).update(saved)
+    nodes = list(graph.nodes)
+    source = next((n for n in nodes if n.op == "placeholder"), None)
+    sink = next((n for n in nodes if n.op == "output"), None)
+    if source is None or sink is None:
+        return None
+
+    def reaches_output(removed: str) -> bool:
+        stack, seen = [source], {source}
+        while stack:
+            node = stack.pop()
+            if node is sink:
+                return True
+            for user in node.users:
+                if user not in seen and not (user.op == "call_module" and user.target == removed):
+                    seen.add(user)
+                    stack.append(user)
+        return False
+
+    calls = Counter(str(n.target) for n in nodes if n.op == "call_module")
+    # A module called twice (a shared activation) would be mixed at each call: never a cut.
+    return {t for t, count in calls.items() if count == 1 and not reaches_output(t)}
+
+
+def _collect(
+    module: nn.Module, prefix: str, in_stack: bool, out: list[str], path: set[str] | None
+) -> None:
+    """Append candidates under ``module``; ``path`` holds its submodules on every data path."""
+    if path is None and _has_own_forward(module):
+        path = _on_every_path(module)
+    kids = [
+        (name, child)
+        for name, child in _children(module)
+        if path is None
+        or name in path
+        # A container's elements called one by one (a loop over a ModuleList).
+        or (not _has_own_forward(child) and any(t.startswith(name + ".") for t in path))
+    ]
     stages = [name for name, child in kids if _is_stage(child)]
     for name, child in kids:
-        path = f"{prefix}.{name}" if prefix else name
+        full = f"{prefix}.{name}" if prefix else name
         if len(stages) >= 2:
             # A backbone with several stages: its stage outputs are the boundaries.
             if name in stages:
-                out.append(path)
+                out.append(full)
             continue
-        is_leaf = not any(True for _ in child.children())
+        sub = (
+            None
+            if path is None or name in path
+            else {t[len(name) + 1 :] for t in path if t.startswith(name + ".")}
+        )
         if isinstance(child, _ACTIVATIONS):
-            out.append(path)
-        elif isinstance(child, (nn.Sequential, nn.ModuleList)):
-            _collect(child, path, True, out)
-        elif is_leaf:
+            out.append(full)
+        elif not any(True for _ in child.children()):
             continue
-        elif in_sequence and not _contains_sequence(child):
-            out.append(path)  # a block in a stack of blocks (transformer layer, residual block)
-        elif _contains_sequence(child):
-            _collect(child, path, False, out)
+        elif not _has_own_forward(child):
+            _collect(child, full, True, out, sub)
+        elif in_stack and sum(_is_stage(c) for _, c in _children(child)) < 2:
+            out.append(full)  # a block in a stack of blocks: its insides are never searched
+        else:
+            _collect(child, full, False, out, None)
 
 
 def candidate_layers(model: nn.Module) -> list[str]:
     """Layers that ``layers=None`` selects: outputs of blocks and stages, never their insides.
 
-    The rule, applied from the root down:
+    Only submodules that every path from a module's input to its output runs through are
+    considered: a child that a skip connection or a parallel branch bypasses (and everything
+    inside it) is never selected, since mixing there would leave the bypass unmixed. That is
+    read from each module's ``forward``, traced one level deep with ``torch.fx``; a forward
+    that cannot be traced (data-dependent control flow) is taken as running every child.
+    Among those submodules, from the root down:
 
     1. A module with two or more *stages* (Sequentials whose elements are all composite
        blocks, like ``layer1..layer4`` of a ResNet) contributes its stages and nothing else.
-    2. Inside a Sequential or ModuleList, each composite element that holds no further
-       Sequential/ModuleList is a block (a transformer encoder layer, a residual block) and is
-       selected; composite elements that do hold one are searched recursively.
+    2. A plain Sequential (one that only chains its elements) or ModuleList is searched; each
+       composite element with its own ``forward`` is a *block* (a transformer encoder layer, a
+       residual block): it is selected and its insides never are. An element holding two or
+       more stages (a whole backbone in a Sequential) is searched instead.
     3. Activation modules (ReLU, GELU, ...) met on the way are selected: the hidden layers of
        an MLP.
-    4. Other leaves (Linear, Conv, norms, dropout) and the insides of blocks are never selected.
+    4. Other composite modules are searched; other leaves (Linear, Conv, norms, dropout) are
+       never selected.
 
     The result holds normalized names and never the input; add ``"input"`` yourself.
 
@@ -174,8 +257,8 @@ def candidate_layers(model: nn.Module) -> list[str]:
         ['1', '3']
     """
     out: list[str] = []
-    root = _unwrap(model)
-    _collect(root, "", isinstance(root, (nn.Sequential, nn.ModuleList)), out)
+    root = unwrap_module(model)
+    _collect(root, "", isinstance(root, (nn.Sequential, nn.ModuleList)), out, None)
     seen: dict[str, None] = {}
     for name in out:
         seen.setdefault(normalize_name(name), None)

@@ -180,3 +180,71 @@ def test_probability_zero_leaves_batches_untouched() -> None:
     assert all(r["decision"] is None for r in model.records)
     torch.testing.assert_close(torch.cat([r["x"] for r in model.records]), x)
     torch.testing.assert_close(torch.cat([r["y"] for r in model.records]), y)
+
+
+class RecurrentNet(nn.Module):
+    """An RNN classifier on (B, T, F) inputs; the head reads ``h_n[-1]`` plus the last step."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size, 3)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        time_major = not self.rnn.batch_first
+        output, state = self.rnn(x.transpose(0, 1) if time_major else x)
+        h_n = state[0] if isinstance(state, tuple) else state
+        return h_n[-1] + (output[-1] if time_major else output[:, -1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("lam_mode", ["batch", "sample"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize(("kind", "num_layers"), [(nn.LSTM, 4), (nn.GRU, 4), (nn.LSTM, 2)])
+def test_rnn_head_on_h_n_sees_the_exact_mix(
+    kind: type[nn.RNNBase], num_layers: int, batch_first: bool, lam_mode: str
+) -> None:
+    # Sequence length == batch size (4), and num_layers too in most cases: h_n is (4, 4, H) and
+    # a time-major output (4, 4, H), so a mix along the wrong axis keeps every shape. With 2
+    # layers h_n does not have the batch size on axis 0 and must still be mixed.
+    net = RecurrentNet(kind(2, 6, num_layers=num_layers, batch_first=batch_first))
+    x, y = torch.randn(8, 4, 2), torch.randint(0, 3, (8,))
+    model = Probe(net, 3, lambda net, x: net.features(x), "net.head")
+    cb = ManifoldMixupCallback(layers=["net.rnn"], lam_mode=lam_mode, seed=4)  # type: ignore[arg-type]
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, _loader(x, y, 4))
+    assert len(model.records) == 2
+    for rec in model.records:
+        d = rec["decision"]
+        assert d.layer == "net.rnn"
+        torch.testing.assert_close(rec["seen"], _expected(rec["h"], d.lam, d.index))
+
+
+class TimeMajorEncoder(nn.Module):
+    """(B, S, F) -> logits through a time-major ``nn.TransformerEncoder``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(2, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.layers[0](self.embed(x).transpose(0, 1))  # (S, B, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x).transpose(0, 1)).mean(dim=0))
+
+
+def test_time_major_transformer_layer_is_mixed_along_the_batch_not_time() -> None:
+    x, y = torch.randn(8, 4, 2), torch.randint(0, 3, (8,))  # sequence length == batch size
+    model = Probe(TimeMajorEncoder(), 3, lambda net, x: net.hidden(x), "net.encoder.layers.1")
+    cb = ManifoldMixupCallback(layers=["net.encoder.layers.0"], lam_mode="sample", seed=6)
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, _loader(x, y, 4))
+    for rec in model.records:
+        d = rec["decision"]
+        lam = d.lam.view(1, -1, 1)
+        h = rec["h"]
+        torch.testing.assert_close(rec["seen"], lam * h + (1 - lam) * h[:, d.index])

@@ -213,6 +213,30 @@ def test_a_layer_whose_output_holds_no_float_tensor_is_refused() -> None:
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(BoolLayer(), make_loader())
 
 
+class BatchMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=0)
+
+
+class MeanLayer(MLPClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary = BatchMean()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - self.summary(x))
+
+
+def test_a_layer_whose_output_does_not_hold_the_batch_is_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["summary"], seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'summary' returned a torch\.float32 tensor of shape \(8,\), which holds no "
+        r"floating tensor with batch dimension 16",
+    ):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MeanLayer(), make_loader())
+
+
 class Unused(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -240,6 +264,29 @@ def test_input_mixup_of_integer_inputs_is_refused() -> None:
     cb = ManifoldMixupCallback(layers=["input"], seed=0)
     with pytest.raises(ValueError, match=r"input mixup needs a floating-point input"):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(Embed(), DataLoader(ds, batch_size=4))
+
+
+class DictInput(MLPClassifier):
+    """Takes ``({"x": float (B, 8), "ids": int64 (B,)}, y)`` batches."""
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return self.net(inputs["x"] + 0.01 * inputs["ids"].unsqueeze(1))
+
+
+def test_input_mixup_refuses_an_integer_tensor_of_a_dict_input_and_names_its_key() -> None:
+    samples = [
+        ({"x": torch.randn(8), "ids": torch.tensor(i)}, torch.tensor(i % 4)) for i in range(8)
+    ]
+    cb = ManifoldMixupCallback(layers=["input"], seed=0)
+    with pytest.raises(
+        ValueError,
+        match=r"input mixup needs a floating-point input: the input at input_key=0\['ids'\] is a "
+        r"torch\.int64 tensor of shape \(4,\).*mix a hidden layer instead",
+    ):
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(
+            DictInput(),
+            DataLoader(samples, batch_size=4),  # type: ignore[arg-type]
+        )
 
 
 def test_integer_multi_column_targets_are_refused() -> None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections import OrderedDict, namedtuple
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from lightning_manifold_mixup import (
     MixedTarget,
+    mix_batch,
     mix_nested,
     mix_targets,
     mix_tensor,
@@ -179,3 +183,144 @@ def test_permute_rows_matches_indexing_in_value_and_gradient() -> None:
     (grad,) = torch.autograd.grad((out * weight).sum(), h)
     torch.testing.assert_close(out, h[index], rtol=0, atol=0)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- batch axes
+# B = 4 everywhere below, and the layer count, sequence length or both equal B too, so a mix
+# along the wrong axis has the right shape and only the values tell it apart.
+B = 4
+INDEX = torch.tensor([2, 0, 3, 1])
+LAMS = [torch.tensor(0.3), torch.tensor([0.1, 0.5, 0.8, 0.95])]
+
+
+def by_hand(h: torch.Tensor, lam: torch.Tensor, axis: int) -> torch.Tensor:
+    """``lam * h + (1 - lam) * h[index]`` along ``axis``, lam broadcast over the other axes."""
+    if lam.ndim == 1:
+        lam = lam.view(*([1] * axis), B, *([1] * (h.ndim - axis - 1)))
+    return lam * h + (1 - lam) * h.index_select(axis, INDEX)
+
+
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_lstm_output_h_n_and_c_n_are_mixed_along_their_batch_axes(
+    batch_first: bool, lam: torch.Tensor
+) -> None:
+    lstm = nn.LSTM(3, 5, num_layers=B, batch_first=batch_first)
+    output, (h_n, c_n) = lstm(torch.randn(B, B, 3))
+    mixed, count = mix_batch((output, (h_n, c_n)), lam, INDEX, B, where="layer 'rnn'", module=lstm)
+    assert count == 3
+    torch.testing.assert_close(mixed[0], by_hand(output, lam, 0 if batch_first else 1))
+    torch.testing.assert_close(mixed[1][0], by_hand(h_n, lam, 1))
+    torch.testing.assert_close(mixed[1][1], by_hand(c_n, lam, 1))
+
+
+@pytest.mark.parametrize("lam", LAMS)
+def test_gru_state_is_mixed_along_axis_1(lam: torch.Tensor) -> None:
+    gru = nn.GRU(3, 5, num_layers=2, bidirectional=True, batch_first=True)  # h_n: (4, B, 5)
+    output, h_n = gru(torch.randn(B, 6, 3))
+    (mixed_out, mixed_h), count = mix_batch(
+        (output, h_n), lam, INDEX, B, where="layer 'rnn'", module=gru
+    )
+    assert count == 2 and h_n.shape == (4, B, 5)
+    torch.testing.assert_close(mixed_out, by_hand(output, lam, 0))
+    torch.testing.assert_close(mixed_h, by_hand(h_n, lam, 1))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.TransformerEncoderLayer(8, 2, dropout=0.0),
+        lambda: nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, dropout=0.0), 2, enable_nested_tensor=False
+        ),
+        lambda: nn.Sequential(nn.Linear(8, 8), nn.TransformerEncoderLayer(8, 2, dropout=0.0)),
+    ],
+    ids=["layer", "stack", "sequential"],
+)
+def test_time_major_transformer_output_is_mixed_along_axis_1(make: Any) -> None:
+    module = make().eval()
+    out = module(torch.randn(B, B, 8))  # (S, B, E) with S == B
+    mixed, count = mix_batch(out, LAMS[1], INDEX, B, where="layer 'enc'", module=module)
+    assert count == 1
+    torch.testing.assert_close(mixed, by_hand(out, LAMS[1], 1))
+
+
+def test_attention_output_follows_batch_first_and_its_weights_axis_0() -> None:
+    mha = nn.MultiheadAttention(8, 2)  # time-major
+    q = torch.randn(B, B, 8)
+    out, weights = mha(q, q, q, average_attn_weights=False)  # weights: (B, heads, L, S)
+    (mixed_out, mixed_w), count = mix_batch(
+        (out, weights), LAMS[0], INDEX, B, where="layer 'attn'", module=mha
+    )
+    assert count == 2
+    torch.testing.assert_close(mixed_out, by_hand(out, LAMS[0], 1))
+    torch.testing.assert_close(mixed_w, by_hand(weights, LAMS[0], 0))
+
+
+def test_a_packed_sequence_is_refused_with_the_layer_named() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(B, 6, 3), [6, 5, 3, 2], batch_first=True)
+    with pytest.raises(ValueError, match=r"layer 'net\.rnn' returned, at output\[0\], a Packed"):
+        mix_batch(lstm(packed), LAMS[0], INDEX, B, where="layer 'net.rnn'", module=lstm)
+
+
+def test_an_unbatched_rnn_output_is_refused() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    with pytest.raises(ValueError, match=r"returned shape \(6, 5\) at output\[0\].*axis 0"):
+        mix_batch(lstm(torch.randn(6, 3)), LAMS[0], INDEX, B, where="layer 'rnn'", module=lstm)
+
+
+class TimeMajor(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+
+def test_a_time_major_output_of_an_undeclared_module_is_ambiguous() -> None:
+    out = torch.randn(7, B, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'tm' \(TimeMajor\) declares no batch_first.*"
+        r"batch of 4 on axis 1 and not on axis 0",
+    ):
+        mix_batch(out, LAMS[0], INDEX, B, where="layer 'tm'", module=TimeMajor())
+
+
+def test_a_declared_batch_first_false_is_followed() -> None:
+    module = TimeMajor()
+    module.batch_first = False  # type: ignore[assignment]
+    out = torch.randn(B, B, 3)
+    mixed, _ = mix_batch(out, LAMS[1], INDEX, B, where="layer 'tm'", module=module)
+    torch.testing.assert_close(mixed, by_hand(out, LAMS[1], 1))
+
+
+def test_an_integer_tensor_of_the_input_batch_is_refused_with_its_key() -> None:
+    batch = {"pixels": torch.randn(B, 3), "ids": torch.arange(B)}
+    with pytest.raises(ValueError, match=r"the input at input_key=0\['ids'\] is a torch\.int64"):
+        mix_batch(batch, LAMS[0], INDEX, B, where="the input at input_key=0")
+
+
+def test_an_integer_tensor_in_a_layer_output_is_refused() -> None:
+    pool = nn.MaxPool1d(2, return_indices=True)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'pool' returned a torch\.int64 tensor .* at "
+        r"output\[1\]",
+    ):
+        mix_batch(pool(torch.randn(B, 2, 6)), LAMS[0], INDEX, B, where="layer 'pool'", module=pool)
+
+
+def test_with_one_row_integer_and_other_tensors_pass_unchanged() -> None:
+    ids, other = torch.arange(1), torch.randn(7, 1)
+    (h, ids_out, other_out), count = mix_batch(
+        (torch.ones(1, 3), ids, other), torch.tensor(0.3), torch.tensor([0]), 1, where="input"
+    )
+    assert count == 1 and ids_out is ids and other_out is other
+    torch.testing.assert_close(h, torch.ones(1, 3))
+
+
+def test_tensors_without_the_batch_size_on_axes_0_or_1_pass_unchanged() -> None:
+    table = torch.randn(5, 3, B)
+    (_, kept), count = mix_batch(
+        (torch.randn(B, 2), table), LAMS[0], INDEX, B, where="layer 'x'", module=nn.Identity()
+    )
+    assert count == 1 and kept is table
