@@ -192,8 +192,10 @@ def main() -> None:
             times[variant].append(run_fit(variant, cfg, device, args))
     ms = {v: 1e3 * statistics.median(t) for v, t in times.items()}
     base = ms.get("plain_log")
-    print(f"device={device} batch={cfg['batch_size']} precision={cfg['precision']} "
-          f"steps={args.steps} rounds={args.rounds} (median ms/step, ratio to plain_log)")
+    print(
+        f"device={device} batch={cfg['batch_size']} precision={cfg['precision']} "
+        f"steps={args.steps} rounds={args.rounds} (median ms/step, ratio to plain_log)"
+    )
     for v in args.variants:
         ratio = f"{ms[v] / base:.3f}x" if base else "-"
         spread = f"[{1e3 * min(times[v]):.3f}-{1e3 * max(times[v]):.3f}]"

@@ -596,7 +596,7 @@ class ManifoldMixupCallback(pl.Callback):
             if not (self._in_step or self._in_backward):
                 return None  # a forward outside the training step (another hook, a probe)
             if self._probe is not None and not self._in_backward:
-                self._probe_run(name, output)
+                self._probe_run(name, module, output)
             decision = self.current
             if decision is None or decision.layer != name:
                 return None
@@ -782,11 +782,14 @@ class ManifoldMixupCallback(pl.Callback):
 
         self._unwrap_step = unwrap
 
-    def _probe_run(self, name: str, output: Any) -> None:
+    def _probe_run(self, name: str, module: nn.Module, output: Any) -> None:
         """First training step: count the layer's runs and check its output can be mixed."""
         assert self._probe is not None
         self._probe[name] += 1
-        if self._probe[name] == 1 and map_nested(output, lambda h: h, self._batch_size)[1] == 0:
+        if self._probe[name] > 1:
+            return
+        where = f"layer {name!r}"
+        if map_batch(output, _same, self._batch_size, where=where, module=module)[1] == 0:
             raise ValueError(
                 f"ManifoldMixupCallback: layer {name!r} returned {_describe(output)}, which "
                 f"holds no floating tensor with batch dimension {self._batch_size} to mix. "
@@ -887,9 +890,13 @@ def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _check_input_mixable(x: Any, batch_size: int, input_key: int | str) -> None:
     """Input mixup needs every batch-sized tensor of the input to be floating point."""
-    _, floats = map_nested(x, lambda t: t, batch_size)
+    _, floats = map_batch(x, _same, batch_size, where=f"the input at input_key={input_key!r}")
     if floats == 0:
         raise ValueError(
             "input mixup needs a floating-point input at "
@@ -900,9 +907,10 @@ def _check_input_mixable(x: Any, batch_size: int, input_key: int | str) -> None:
 
 def _set(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) -> None:
     """Write ``value`` into the batch in place (Lightning hands this object to training_step)."""
-    if isinstance(batch, MutableMapping) or (
-        isinstance(batch, MutableSequence) and isinstance(key, int)
-    ):
+    if isinstance(batch, MutableMapping):
+        batch[key] = value
+        return
+    if isinstance(batch, MutableSequence) and isinstance(key, int):
         batch[key] = value
         return
     kind = f"{type(batch).__name__} batch"

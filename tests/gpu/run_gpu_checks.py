@@ -4,18 +4,23 @@
 
 1. 16-mixed, bf16-mixed, bf16-true and 16-true fits of a small PreActResNet18 with the
    callback: finite float32 loss, hidden states mixed in the run's dtype.
-2. No host-device synchronisation in the callback's per-batch path: after one warm-up batch
-   (the label-range check reads the labels once), batches run under
-   torch.cuda.set_sync_debug_mode("error").
+2. No host-device synchronisation in a real Trainer.fit with the defaults (callback logging
+   on, the mixin's default training_step, a CSV logger, the progress bar): 25 steady steps
+   between logging steps run under torch.cuda.set_sync_debug_mode("error").
 3. FSDP (Lightning's FSDPStrategy, 1 device): names resolve through the wrappers and the
    chosen layer is mixed.
-4. DeepSpeed ZeRO stages 2 and 3 (1 device, bf16-mixed), when deepspeed is installed
-   (``pip install deepspeed``); Lightning refuses DeepSpeed on the CPU, so it runs only here.
-Prints one line per check and exits non-zero on the first failure.
+4. DeepSpeed ZeRO stages 2 and 3 (1 device, bf16-mixed) on an MLP, when deepspeed is
+   installed; Lightning refuses DeepSpeed on the CPU, so it runs only here. (A BatchNorm model
+   fails under Lightning's DeepSpeed bf16 with or without the callback: "Expected
+   running_mean to have type BFloat16 but got Float".)
+5. With ``--bench``: the GPU presets of benchmarks/trainer_overhead.py (batch 128 and 512) and
+   benchmarks/loss.py, in the same run.
+Prints one line per check and exits non-zero on the first failure; about 4 minutes on one GPU.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,11 +31,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import ManualDriver  # noqa: E402
 
 from lightning_manifold_mixup import ManifoldMixupCallback  # noqa: E402
 from lightning_manifold_mixup.classifier import MixupClassifier  # noqa: E402
-from lightning_manifold_mixup.models import PreActResNet18  # noqa: E402
+from lightning_manifold_mixup.models import MLP, PreActResNet18  # noqa: E402
 
 LAYERS = ["input", "net.layer1", "net.layer2"]
 
@@ -52,14 +56,17 @@ class Seen(L.Callback):
 
 
 def fit_and_record(
-    max_steps: int, accelerator: str = "gpu", **trainer_kwargs: Any
+    max_steps: int, accelerator: str = "gpu", mlp: bool = False, **trainer_kwargs: Any
 ) -> tuple[ManifoldMixupCallback, Seen]:
-    """A short fit of a narrow PreActResNet18 with the callback; returns what it saw.
-
-    ``accelerator="cpu"`` is for the smoke test in tests/test_gpu_script.py only."""
-    cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
+    """A short fit of a narrow PreActResNet18 (or an MLP) with the callback; returns what it
+    saw. ``accelerator="cpu"`` is for the smoke test in tests/test_gpu_script.py only."""
+    if mlp:
+        cb = ManifoldMixupCallback(layers=["input", "net.layers.1", "net.layers.3"], seed=0)
+        model = MixupClassifier(MLP(3 * 32 * 32, 10, hidden=(256, 256)), 10)
+    else:
+        cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
+        model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10)
     seen = Seen(cb)
-    model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10)
     L.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -81,23 +88,50 @@ def check_precision(precision: str, accelerator: str = "gpu") -> None:
     print(f"ok  precision {precision}: {len(seen.rows)} steps, losses finite, layers mixed")
 
 
-def check_no_sync() -> None:
-    device = torch.device("cuda")
-    model = MixupClassifier(PreActResNet18(num_classes=10, width=16), 10).to(device)
-    cb = ManifoldMixupCallback(layers=LAYERS, seed=0, log=False)
-    driver = ManualDriver(cb, model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    batches = [[x.to(device), y.to(device)] for x, y in loader()]
-    driver.train_step(list(batches[0]), opt)  # the one-time label-range check reads labels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for batch in batches[1:]:
-            driver.train_step(list(batch), opt)
-    finally:
+class SyncErrors(L.Callback):
+    """Turns every host-device synchronisation into an error for steps [start, stop)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        self.start, self.stop, self.checked = start, stop, 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.start:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        elif trainer.global_step == self.stop:
+            torch.cuda.set_sync_debug_mode("default")
+        if self.start <= trainer.global_step < self.stop:
+            self.checked += 1
+
+    def on_train_end(self, *args: Any) -> None:
         torch.cuda.set_sync_debug_mode("default")
-    driver.close()
-    print(f"ok  no host-device sync in {len(batches) - 1} steps")
+
+    def on_exception(self, *args: Any) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def check_no_sync(tmp: str = "gpu_check_logs") -> None:
+    cb = ManifoldMixupCallback(layers=LAYERS, seed=0)
+    guard = SyncErrors(start=5, stop=30)
+    g = torch.Generator().manual_seed(0)
+    ds = TensorDataset(
+        torch.randn(640, 3, 32, 32, generator=g), torch.randint(0, 10, (640,), generator=g)
+    )
+    L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=40,
+        precision="bf16-mixed",
+        callbacks=[guard, cb],
+        logger=L.pytorch.loggers.CSVLogger(tmp),
+        log_every_n_steps=35,
+        enable_checkpointing=False,
+    ).fit(
+        MixupClassifier(PreActResNet18(num_classes=10, width=16), 10),
+        DataLoader(ds, batch_size=16, pin_memory=True),
+    )
+    assert guard.checked == 25, guard.checked
+    print(f"ok  no host-device sync in {guard.checked} steady steps of a real Trainer.fit")
 
 
 def check_fsdp() -> None:
@@ -113,7 +147,9 @@ def check_deepspeed() -> None:
         print("skip DeepSpeed: not installed (pip install deepspeed)")
         return
     for stage in (2, 3):
-        cb, seen = fit_and_record(4, strategy=f"deepspeed_stage_{stage}", precision="bf16-mixed")
+        cb, seen = fit_and_record(
+            4, mlp=True, strategy=f"deepspeed_stage_{stage}", precision="bf16-mixed"
+        )
         for layer, calls, loss in seen.rows:
             assert loss.dtype == torch.float32 and torch.isfinite(loss), (stage, loss)
             assert layer == "input" or calls == 1, (stage, layer, calls)
@@ -128,6 +164,39 @@ def main() -> None:
     check_no_sync()
     check_fsdp()
     check_deepspeed()
+    if "--bench" in sys.argv:
+        bench = ROOT / "benchmarks"
+        for args in (
+            [
+                "trainer_overhead.py",
+                "--device",
+                "cuda",
+                "--batch-size",
+                "128",
+                "--rounds",
+                "3",
+                "--steps",
+                "100",
+                "--warmup",
+                "20",
+            ],
+            [
+                "trainer_overhead.py",
+                "--device",
+                "cuda",
+                "--batch-size",
+                "512",
+                "--rounds",
+                "3",
+                "--steps",
+                "100",
+                "--warmup",
+                "20",
+            ],
+            ["loss.py", "--device", "cuda", "--rounds", "8"],
+        ):
+            print("$ python benchmarks/" + " ".join(args), flush=True)
+            subprocess.run([sys.executable, str(bench / args[0]), *args[1:]], check=True)
 
 
 if __name__ == "__main__":
