@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_manifold_mixup.hf import check_input_mixable, guard_hf_labels, union_attention_mask
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
@@ -100,6 +101,11 @@ class ManifoldMixupCallback(pl.Callback):
             combined with CutMix. ``MixDecision.index`` then holds global row indices. With
             one data-parallel replica it behaves as ``"local"`` (with a warning); with tensor
             parallelism it is refused.
+        attention_mask_key: for dict batches, the key of a ``(B, L)`` attention mask; rows of
+            a mixed batch get the union of their own and their partner's mask, so the
+            partner's tokens beyond the row's length stay visible to later layers (see
+            ``docs/transformers.md``). Ignored when the batch has no such key; None keeps
+            every row's own mask.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -128,6 +134,7 @@ class ManifoldMixupCallback(pl.Callback):
         stop_epoch: int | None = None,
         cutmix_prob: float = 0.0,
         pairing: Pairing = "local",
+        attention_mask_key: str | None = "attention_mask",
     ) -> None:
         super().__init__()
         problems: list[str] = []
@@ -180,6 +187,8 @@ class ManifoldMixupCallback(pl.Callback):
             problems.append(
                 "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
             )
+        if attention_mask_key is not None and not isinstance(attention_mask_key, str):
+            problems.append(f"attention_mask_key must be a str or None, got {attention_mask_key!r}")
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
 
@@ -202,6 +211,7 @@ class ManifoldMixupCallback(pl.Callback):
         self.stop_epoch = stop_epoch
         self.cutmix_prob = float(cutmix_prob)
         self.pairing: Pairing = pairing
+        self.attention_mask_key = attention_mask_key
         self.summary: dict[str, Any] = {}
 
         self.current: MixDecision | None = None
@@ -311,6 +321,9 @@ class ManifoldMixupCallback(pl.Callback):
             if name == INPUT:
                 continue
             self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
+        self._handles += guard_hf_labels(
+            pl_module, lambda: (self._original_target, self._target), self.target_key
+        )
         rank_zero_info(
             f"ManifoldMixupCallback: mixing at {self.eligible} with alpha={self.alpha}, "
             f"probability={self.probability}, lam_mode={self.lam_mode!r}"
@@ -337,6 +350,7 @@ class ManifoldMixupCallback(pl.Callback):
             "stop_epoch": self.stop_epoch,
             "cutmix_prob": self.cutmix_prob,
             "pairing": self.pairing,
+            "attention_mask_key": self.attention_mask_key,
         }
 
     def alpha_at(self, trainer: pl.Trainer) -> float:
@@ -382,6 +396,9 @@ class ManifoldMixupCallback(pl.Callback):
                 f"has shape {tuple(y.shape)}. Check input_key={self.input_key!r} and "
                 f"target_key={self.target_key!r}."
             )
+        if INPUT in self.eligible:
+            check_input_mixable(x, self.input_key)
+        self._original_target = y
         world = trainer.world_size if self._global else 1
         if self._global:
             _check_equal_batch_sizes(batch_size, y.device)
@@ -425,7 +442,6 @@ class ManifoldMixupCallback(pl.Callback):
         index = torch.from_numpy(perm).to(device, non_blocking=True)
         decision = MixDecision(layer, draw.layer, lam, index, box_center)
 
-        self._original_target = y
         partner_y = _global_rows(y).index_select(0, index) if self._global else None
         new_target = self._mix_target(y, decision, partner_y)
         if layer == INPUT:
@@ -452,6 +468,11 @@ class ManifoldMixupCallback(pl.Callback):
                         "layers for integer inputs (token ids) and mix a hidden layer instead."
                     )
             self._set(batch, self.input_key, mixed)
+        mask_key = self.attention_mask_key
+        mask = batch.get(mask_key) if isinstance(batch, Mapping) and mask_key else None
+        if mask_key and isinstance(mask, Tensor):
+            partner = _global_rows(mask) if self._global else mask
+            self._set(batch, mask_key, union_attention_mask(mask, partner[index]))
         self._set(batch, self.target_key, new_target)
         self._target = new_target
         self._calls = 0

@@ -1,0 +1,255 @@
+"""Hugging Face ``transformers`` models and their batches (no ``transformers`` import).
+
+Three things go wrong when a Hugging Face model meets mixed targets or token batches, and this
+module holds the checks and the fix the callback applies:
+
+- **The model's own loss.** A ``*ForSequenceClassification`` model called with ``labels=``
+  computes its loss from them. Mixed labels are float soft targets (or a
+  :class:`~lightning_manifold_mixup.mixing.MixedTarget`), so the model infers
+  ``config.problem_type = "multi_label_classification"`` for good and trains with BCE on
+  logits, or fails. :func:`guard_hf_labels` refuses that call before any optimizer step.
+- **Padding.** Hidden states of two rows are mixed position by position, but each row keeps
+  its own attention mask in every later layer, so the partner's tokens beyond the row's own
+  length would be dropped. :func:`union_attention_mask` gives mixed rows the union of both
+  masks.
+- **Token ids as input.** Integer ``input_ids`` cannot be mixed; :func:`check_input_mixable`
+  refuses ``"input"`` in the eligible set at the first batch instead of when it is drawn.
+
+Models are recognised by duck typing: a module with a ``config`` that has a ``problem_type``
+attribute (every ``transformers.PreTrainedModel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_manifold_mixup.mixing import MixedTarget, map_nested
+
+# What the callback has in flight for the current training batch: the batch's own target
+# (before mixing) and the mixed target that replaced it (None when the batch is not mixed).
+TargetsInFlight = Callable[[], tuple[Any, Any]]
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a ``transformers.PreTrainedModel``: ``config.problem_type``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = nn.Linear(2, 2)
+        >>> is_hf_model(m)
+        False
+        >>> m.config = SimpleNamespace(problem_type=None)
+        >>> is_hf_model(m)
+        True
+    """
+    config = getattr(module, "config", None)
+    return config is not None and hasattr(config, "problem_type")
+
+
+def _config(module: nn.Module) -> Any:
+    return module.config
+
+
+def _is_class_labels(target: Any) -> bool:
+    return isinstance(target, Tensor) and not target.is_floating_point()
+
+
+def _fix_message(name: str, module: nn.Module, target_key: int | str, found: str) -> str:
+    kind = type(module).__name__
+    key = repr(target_key)
+    return (
+        f"ManifoldMixupCallback: {kind} at {name!r} was called with the training targets "
+        f"(batch[{key}], {found}) as an argument. A Hugging Face model given labels computes "
+        "its own loss, and on mixed targets (float soft targets or a MixedTarget) it switches "
+        "config.problem_type to 'multi_label_classification' for good and trains with BCE "
+        "on logits, or fails. Call the model without labels and compute the mixup loss:\n"
+        f"    inputs = {{k: v for k, v in batch.items() if k != {key}}}\n"
+        "    out = self.model(**inputs)\n"
+        f"    loss = self.mixup_loss(out.logits, batch[{key}])\n"
+        "(mixup_loss from ManifoldMixupMixin, or lightning_manifold_mixup.mixup_loss)."
+    )
+
+
+def guard_hf_labels(
+    model: nn.Module, in_flight: TargetsInFlight, target_key: int | str
+) -> list[RemovableHandle]:
+    """Hooks that stop a Hugging Face model from computing its loss on the training targets.
+
+    On every submodule that :func:`is_hf_model`, a forward pre-hook raises ``RuntimeError``
+    (with the fix in its message) when one of the call's arguments is the batch's class labels
+    or their mixed replacement, or any :class:`MixedTarget`; it raises before the forward
+    runs, so the model's config is never touched. Float targets (multi-label, regression) are
+    left alone: the model's loss for them is the same on mixed and unmixed batches. As a
+    backstop for copies of the targets (``labels.clone()``), a forward hook restores
+    ``config.problem_type`` and raises if the forward changed it while integer class labels
+    were being mixed.
+
+    Args:
+        model: searched with ``named_modules()`` (a LightningModule).
+        in_flight: returns ``(original, mixed)`` for the training batch in flight, both None
+            outside training batches (validation is never checked).
+        target_key: where the targets sit in the batch, for the message.
+
+    Returns:
+        The hook handles (two per model found); remove them when fit ends.
+    """
+    handles: list[RemovableHandle] = []
+    for name, module in model.named_modules():
+        if is_hf_model(module):
+            handles.extend(_guard_one(name, module, in_flight, target_key))
+    return handles
+
+
+def _guard_one(
+    name: str, module: nn.Module, in_flight: TargetsInFlight, target_key: int | str
+) -> list[RemovableHandle]:
+    before: list[Any] = []
+
+    def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        original, mixed = in_flight()
+        before[:] = [_config(mod).problem_type]
+        if original is None:
+            return
+        labels = _is_class_labels(original)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, MixedTarget):
+                raise RuntimeError(_fix_message(name, mod, target_key, "a MixedTarget"))
+            if labels and value is not None and (value is original or value is mixed):
+                found = "the class labels" if value is original else "the mixed soft targets"
+                raise RuntimeError(_fix_message(name, mod, target_key, found))
+
+    def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        original, _ = in_flight()
+        if not before or original is None or not _is_class_labels(original):
+            return
+        old, new = before[0], _config(mod).problem_type
+        if new != old and new != "single_label_classification":
+            _config(mod).problem_type = old
+            raise RuntimeError(
+                _fix_message(name, mod, target_key, "a copy of the mixed targets")
+                + f"\nThe forward set config.problem_type to {new!r}; it was restored to {old!r}."
+            )
+
+    return [
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        module.register_forward_hook(post_hook),
+    ]
+
+
+def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
+    """The attention mask of mixed rows: a position is kept where either row has a token.
+
+    Mixing hidden states position by position puts the partner's tokens at positions where
+    the row itself may be padding. With the row's own mask, later layers never attend to those
+    positions and the partner's tokens beyond the row's length are lost, while the targets
+    still credit the partner with ``1 - lam``; with the union both rows' tokens stay visible.
+
+    Args:
+        mask: ``(B, L)`` attention mask (1/True = token, 0/False = padding), any dtype.
+        partner: the partner rows' masks, ``mask[index]``, same shape.
+
+    Returns:
+        ``(B, L)`` mask of ``mask``'s dtype and device.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+        >>> union_attention_mask(mask, mask[torch.tensor([1, 0])])
+        tensor([[1, 1, 1, 0],
+                [1, 1, 1, 0]])
+    """
+    return (mask.bool() | partner.to(mask.device).bool()).to(mask.dtype)
+
+
+def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
+    """Candidate blocks of a Hugging Face model that run several times per forward.
+
+    ALBERT-style models share one stack of layers across depth: ``config.num_hidden_layers``
+    layer runs reuse fewer blocks (``num_hidden_groups * inner_group_num``). A block that runs
+    several times would be mixed at every run (the same mix, compounded), which is not the
+    paper's single mix at one depth. Blocks are the candidates that sit in a ``ModuleList`` or
+    ``Sequential``; a model is flagged when it holds fewer of them than
+    ``config.num_hidden_layers``. Encoder-decoder models hold more (both stacks), so they are
+    never flagged.
+
+    Args:
+        model: the module the names are relative to (normalized names).
+        candidates: names from automatic selection.
+
+    Returns:
+        The names to drop from automatic selection.
+    """
+    from lightning_manifold_mixup.layers import named_layers  # layers imports this module
+
+    modules = named_layers(model)
+    if is_hf_model(model):
+        roots = [""]
+    else:
+        found = [name for name, module in modules.items() if is_hf_model(module)]
+        roots = [n for n in found if not any(n.startswith(other + ".") for other in found)]
+    flagged: set[str] = set()
+    for root in roots:
+        root_module = model if root == "" else modules[root]
+        prefix = f"{root}." if root else ""
+        blocks = [
+            name
+            for name in candidates
+            if name.startswith(prefix) and _in_stack(name, modules, model)
+        ]
+        depth = getattr(root_module.config, "num_hidden_layers", None)
+        if isinstance(depth, int) and 0 < len({id(modules[n]) for n in blocks}) < depth:
+            flagged.update(blocks)
+    return flagged
+
+
+def _in_stack(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name, model) if parent_name else model
+    return isinstance(parent, (nn.ModuleList, nn.Sequential))
+
+
+def check_input_mixable(x: Any, input_key: int | str) -> None:
+    """Refuse input mixup of a batch input with no floating tensor (token ids), at once.
+
+    Raises:
+        ValueError: naming the input and the way out (mix a hidden layer, e.g. the
+            embeddings' output, instead of ``"input"``).
+
+    Example:
+        >>> import torch
+        >>> check_input_mixable(torch.randn(2, 3), 0)
+        >>> check_input_mixable(torch.tensor([[5, 7]]), "input_ids")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: input mixup needs a floating-point input: ...
+    """
+    _, count = map_nested(x, lambda t: t, _first_dim(x))
+    if count == 0:
+        raise ValueError(
+            "input mixup needs a floating-point input: layers lists 'input', but the batch "
+            f"input at input_key={input_key!r} holds no floating-point tensor "
+            f"({_describe(x)}), e.g. token ids, which cannot be mixed. "
+            "Remove 'input' from layers and mix a hidden layer instead (for a Hugging Face "
+            "model, the embeddings' output such as 'model.bert.embeddings', or an encoder "
+            "block)."
+        )
+
+
+def _first_dim(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0]) if x.ndim else -1
+    if isinstance(x, dict):
+        return next((_first_dim(v) for v in x.values()), -1)
+    if isinstance(x, (list, tuple)) and x:
+        return _first_dim(x[0])
+    return -1
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
