@@ -10,7 +10,8 @@ test sequences. Variants:
     own      hidden-state mixup at the encoder blocks, every row keeps its own mask
              (attention_mask_key=None; the package's behaviour before the union)
     union    the same, mixed rows attend where either row has a token (the default)
-    pooled   mixup of the pooled [CLS] representation only (layers=["model.bert.pooler"])
+    pooled   mixup of the pooled [CLS] representation only (layers=["model.bert.pooler"]),
+             every row with its own mask
 
 Prints test accuracy and NLL per variant and seed, their means, and the share of partner
 tokens that "own" hides from the layers after the mix. Writes benchmarks/results/padding.json.
@@ -111,7 +112,8 @@ def run(variant: str, seed: int, steps: int, train: list[Any], test: list[Any]) 
     callbacks = []
     if variant != "none":
         layers = ["model.bert.pooler"] if variant == "pooled" else None
-        mask_key = None if variant == "own" else "attention_mask"
+        # The pooled output has no positions: every row keeps its own mask there.
+        mask_key = "attention_mask" if variant == "union" else None
         callbacks.append(
             ManifoldMixupCallback(
                 layers=layers,

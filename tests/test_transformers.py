@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -116,6 +118,21 @@ def params(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def unchanged(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
     return all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+# ---------------------------------------------------------------- the documented example
+def test_the_documented_example_runs() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "transformers.md").read_text()
+    example = doc.split("## Example", 1)[1]
+    code = re.search(r"```python\n(.*?)```", example, re.S)
+    assert code is not None
+    namespace: dict[str, Any] = {"__name__": "docs_transformers"}
+    exec(compile(code.group(1), "docs/transformers.md", "exec"), namespace)
+    trainer, mixup = namespace["trainer"], namespace["mixup"]
+    assert trainer.global_step == 8
+    assert mixup.eligible == ["model.bert.encoder.layer.0", "model.bert.encoder.layer.1"]
+    assert sum(mixup.summary["layers"].values()) == 8
+    assert 0.0 <= float(trainer.callback_metrics["val_acc"]) <= 1.0
 
 
 # ---------------------------------------------------------------- the model's own loss
@@ -361,3 +378,17 @@ def test_albert_shared_layer_that_runs_at_every_depth_is_not_selected() -> None:
     assert len(runs) == 3
     assert shared not in candidate_layers(albert)
     assert candidate_layers(albert) == ["albert.pooler_activation"]
+
+
+@pytest.mark.slow
+def test_a_compiled_hf_model_is_mixed_with_bounded_graphs() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = TextClassifier(tiny_bert())
+    model.model = torch.compile(model.model, backend="eager")
+    cb = callback(layers=["model.bert.encoder.layer.*"])
+    quiet_trainer(max_steps=6, callbacks=[cb]).fit(model, loader(text_rows(48)))
+    assert sum(cb.summary["layers"].values()) == 6
+    assert int(counters["stats"]["unique_graphs"]) <= len(cb.eligible) + 1
