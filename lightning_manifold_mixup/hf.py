@@ -168,13 +168,15 @@ def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
 def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
     """Candidate blocks of a Hugging Face model that run several times per forward.
 
-    ALBERT-style models share one stack of layers across depth: ``config.num_hidden_layers``
-    layer runs reuse fewer blocks (``num_hidden_groups * inner_group_num``). A block that runs
-    several times would be mixed at every run (the same mix, compounded), which is not the
-    paper's single mix at one depth. Blocks are the candidates that sit in a ``ModuleList`` or
-    ``Sequential``; a model is flagged when it holds fewer of them than
-    ``config.num_hidden_layers``. Encoder-decoder models hold more (both stacks), so they are
-    never flagged.
+    ALBERT-style models share blocks across depth: a forward makes
+    ``num_hidden_layers * inner_group_num`` block calls with only
+    ``num_hidden_groups * inner_group_num`` distinct blocks. A block that runs several times
+    would be mixed at every run (the same mix, compounded), which is not the paper's single
+    mix at one depth. Blocks are the candidates that sit in a ``ModuleList`` or
+    ``Sequential``; a model is flagged when it holds fewer distinct blocks than the block calls
+    its config declares (``num_hidden_layers``, times ``inner_group_num`` where the config has
+    it). Encoder-decoder models hold more blocks than ``num_hidden_layers`` (both stacks), so
+    they are never flagged.
 
     Args:
         model: the module the names are relative to (normalized names).
@@ -200,10 +202,19 @@ def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
             for name in candidates
             if name.startswith(prefix) and _in_stack(name, modules, model)
         ]
-        depth = getattr(root_module.config, "num_hidden_layers", None)
-        if isinstance(depth, int) and 0 < len({id(modules[n]) for n in blocks}) < depth:
+        if 0 < len({id(modules[n]) for n in blocks}) < _block_runs(root_module.config):
             flagged.update(blocks)
     return flagged
+
+
+def _block_runs(config: Any) -> int:
+    """Block calls per forward that a config declares: ``num_hidden_layers``, times ALBERT's
+    ``inner_group_num`` (the blocks each layer group runs in turn); 0 when unknown."""
+    depth = getattr(config, "num_hidden_layers", None)
+    inner = getattr(config, "inner_group_num", 1)
+    if not isinstance(depth, int) or not isinstance(inner, int):
+        return 0
+    return depth * inner
 
 
 def _in_stack(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:

@@ -342,7 +342,7 @@ def test_token_ids_listed_as_input_are_refused_at_the_first_batch() -> None:
     assert unchanged(before, model)
 
 
-def test_automatic_selection_picks_the_blocks_of_bert_gpt2_and_vit() -> None:
+def test_automatic_selection_picks_the_blocks_of_bert_gpt2_vit_and_llama() -> None:
     vit = transformers.ViTForImageClassification(
         transformers.ViTConfig(
             image_size=8,
@@ -357,38 +357,67 @@ def test_automatic_selection_picks_the_blocks_of_bert_gpt2_and_vit() -> None:
     assert candidate_layers(tiny_bert()) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert candidate_layers(tiny_gpt2()) == ["transformer.h.0", "transformer.h.1"]
     assert [n.rsplit(".", 1)[-1] for n in candidate_layers(vit)] == ["0", "1"]
+    llama = transformers.LlamaForSequenceClassification(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            intermediate_size=37,
+            num_labels=CLASSES,
+            pad_token_id=PAD,
+        )
+    )
+    assert candidate_layers(llama) == ["model.layers.0", "model.layers.1"]
 
 
-def test_albert_shared_layer_that_runs_at_every_depth_is_not_selected() -> None:
+def test_encoder_decoder_blocks_are_kept_by_automatic_selection() -> None:
+    bart = transformers.BartForSequenceClassification(
+        transformers.BartConfig(
+            vocab_size=VOCAB,
+            d_model=32,
+            encoder_layers=3,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=37,
+            decoder_ffn_dim=37,
+            num_labels=CLASSES,
+            max_position_embeddings=LENGTH,
+        )
+    )
+    assert candidate_layers(bart) == [
+        "model.encoder.layers.0",
+        "model.encoder.layers.1",
+        "model.encoder.layers.2",
+        "model.decoder.layers.0",
+    ]
+
+
+@pytest.mark.parametrize(("groups", "inner"), [(1, 1), (2, 2)])
+def test_albert_shared_layers_that_run_at_several_depths_are_not_selected(
+    groups: int, inner: int
+) -> None:
     albert = transformers.AlbertForSequenceClassification(
         transformers.AlbertConfig(
             vocab_size=VOCAB,
             embedding_size=16,
             hidden_size=32,
-            num_hidden_layers=3,
+            num_hidden_layers=4,
+            num_hidden_groups=groups,
+            inner_group_num=inner,
             num_attention_heads=2,
             intermediate_size=37,
             num_labels=CLASSES,
         )
     )
-    shared = "albert.encoder.albert_layer_groups.0.albert_layers.0"
-    runs = []
-    albert.get_submodule(shared).register_forward_hook(lambda *a: runs.append(1))
+    runs: dict[str, int] = {}
+    for name, module in albert.named_modules():
+        if name.startswith("albert.encoder.albert_layer_groups.") and name.count(".") == 5:
+            runs[name] = 0
+            module.register_forward_hook(lambda *a, n=name: runs.__setitem__(n, runs[n] + 1))
     albert(input_ids=torch.randint(2, VOCAB, (2, 5)))
-    assert len(runs) == 3
-    assert shared not in candidate_layers(albert)
+    assert len(runs) == groups * inner
+    assert all(count == 4 // groups for count in runs.values())
     assert candidate_layers(albert) == ["albert.pooler_activation"]
-
-
-@pytest.mark.slow
-def test_a_compiled_hf_model_is_mixed_with_bounded_graphs() -> None:
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = TextClassifier(tiny_bert())
-    model.model = torch.compile(model.model, backend="eager")
-    cb = callback(layers=["model.bert.encoder.layer.*"])
-    quiet_trainer(max_steps=6, callbacks=[cb]).fit(model, loader(text_rows(48)))
-    assert sum(cb.summary["layers"].values()) == 6
-    assert int(counters["stats"]["unique_graphs"]) <= len(cb.eligible) + 1
