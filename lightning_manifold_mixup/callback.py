@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_manifold_mixup.hf import check_input_mixable, guard_hf_labels, union_attention_mask
+from lightning_manifold_mixup.hf import check_input_mixable, guard_hf_labels, union_batch_masks
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
@@ -101,11 +101,11 @@ class ManifoldMixupCallback(pl.Callback):
             combined with CutMix. ``MixDecision.index`` then holds global row indices. With
             one data-parallel replica it behaves as ``"local"`` (with a warning); with tensor
             parallelism it is refused.
-        attention_mask_key: for dict batches, the key of a ``(B, L)`` attention mask; rows of
-            a mixed batch get the union of their own and their partner's mask, so the
-            partner's tokens beyond the row's length stay visible to later layers (see
-            ``docs/transformers.md``). Ignored when the batch has no such key; None keeps
-            every row's own mask.
+        attention_mask_key: the key of a ``(B, L)`` attention mask in a dict batch or in a
+            dict input (``batch[input_key]``); rows of a mixed batch get the union of their
+            own and their partner's mask, so the partner's tokens beyond the row's length stay
+            visible to later layers (see ``docs/transformers.md``). Ignored when there is no
+            such key; None keeps every row's own mask.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -444,6 +444,9 @@ class ManifoldMixupCallback(pl.Callback):
 
         partner_y = _global_rows(y).index_select(0, index) if self._global else None
         new_target = self._mix_target(y, decision, partner_y)
+        if self.attention_mask_key is not None:
+            gather = _global_rows if self._global else None
+            union_batch_masks(batch, x, self.attention_mask_key, index, gather)
         if layer == INPUT:
             if box_center is not None:
                 mixed: Any = cutmix_tensor(x, index, box)
@@ -468,11 +471,6 @@ class ManifoldMixupCallback(pl.Callback):
                         "layers for integer inputs (token ids) and mix a hidden layer instead."
                     )
             self._set(batch, self.input_key, mixed)
-        mask_key = self.attention_mask_key
-        mask = batch.get(mask_key) if isinstance(batch, Mapping) and mask_key else None
-        if mask_key and isinstance(mask, Tensor):
-            partner = _global_rows(mask) if self._global else mask
-            self._set(batch, mask_key, union_attention_mask(mask, partner[index]))
         self._set(batch, self.target_key, new_target)
         self._target = new_target
         self._calls = 0

@@ -21,7 +21,7 @@ attribute (every ``transformers.PreTrainedModel``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -163,6 +163,37 @@ def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
                 [1, 1, 1, 0]])
     """
     return (mask.bool() | partner.to(mask.device).bool()).to(mask.dtype)
+
+
+def union_batch_masks(
+    batch: Any,
+    x: Any,
+    key: str,
+    index: Tensor,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> bool:
+    """Replace the attention mask of a mixed batch by :func:`union_attention_mask`, in place.
+
+    The mask is looked up at ``batch[key]`` (a tokenizer's dict batch), else at ``x[key]``
+    (the input, for ``(encoding, labels)`` batches). A batch without it is left alone.
+
+    Args:
+        batch: the training batch.
+        x: the batch's input (``batch[input_key]``).
+        key: the mask's key, e.g. ``"attention_mask"``.
+        index: ``(B,)`` partner rows: a permutation, or global row indices with ``gather``.
+        gather: for global pairing, returns every rank's rows of a tensor (rank order).
+
+    Returns:
+        Whether a mask was found and replaced.
+    """
+    for holder in (batch, x):
+        mask = holder.get(key) if isinstance(holder, MutableMapping) else None
+        if isinstance(mask, Tensor):
+            rows = gather(mask) if gather is not None else mask
+            holder[key] = union_attention_mask(mask, rows.index_select(0, index.to(mask.device)))
+            return True
+    return False
 
 
 def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -97,10 +98,11 @@ class TextClassifier(ManifoldMixupMixin, L.LightningModule):
         self.lr = lr
         self.logits: torch.Tensor | None = None
         self.seen: list[dict[str, Any]] = []
+        self.seen_masks: list[torch.Tensor] = []
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.step(self, batch)
-        self.seen.append({"batch": dict(batch), "loss": loss.detach(), "logits": self.logits})
+        self.seen.append({"batch": copy.copy(batch), "loss": loss.detach(), "logits": self.logits})
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -256,6 +258,28 @@ def test_mixed_rows_get_the_union_of_both_attention_masks() -> None:
     assert not torch.equal(expected, mask)
     assert torch.equal(model.seen[0]["batch"]["attention_mask"], expected)
     assert model.seen[0]["batch"]["attention_mask"].dtype == mask.dtype
+
+
+def test_a_mask_inside_the_input_dict_of_a_list_batch_gets_the_union_too() -> None:
+    rows = text_rows()
+    pairs = [({k: r[k] for k in ("input_ids", "attention_mask")}, r["labels"]) for r in rows]
+
+    def step(module: TextClassifier, batch: Any) -> torch.Tensor:
+        encoding, labels = batch
+        module.seen_masks.append(encoding["attention_mask"])
+        return module.mixup_loss(module.model(**encoding).logits, labels)
+
+    model = TextClassifier(tiny_bert(), step=step)
+    cb = callback(input_key=0, target_key=1)
+    indices = []
+
+    class Record(L.Callback):
+        def on_before_backward(self, *args: Any) -> None:
+            indices.append(cb.current.index)
+
+    quiet_trainer(max_steps=1, callbacks=[cb, Record()]).fit(model, DataLoader(pairs, 8))
+    mask = torch.stack([r["attention_mask"] for r in rows[:8]])
+    assert torch.equal(model.seen_masks[0], mask | mask[indices[0]])
 
 
 def test_attention_mask_key_none_keeps_every_rows_own_mask() -> None:
