@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_manifold_mixup.hf import check_input_mixable, guard_hf_labels, union_batch_masks
+from lightning_manifold_mixup.hf import MaskUnion, check_input_mixable, guard_hf_labels
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
@@ -212,6 +212,7 @@ class ManifoldMixupCallback(pl.Callback):
         self.cutmix_prob = float(cutmix_prob)
         self.pairing: Pairing = pairing
         self.attention_mask_key = attention_mask_key
+        self._masks = MaskUnion(attention_mask_key)
         self.summary: dict[str, Any] = {}
 
         self.current: MixDecision | None = None
@@ -323,6 +324,10 @@ class ManifoldMixupCallback(pl.Callback):
             self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
         self._handles += guard_hf_labels(
             pl_module, lambda: (self._original_target, self._target), self.target_key
+        )
+        self._masks = MaskUnion(self.attention_mask_key)
+        self._handles += self._masks.watch(
+            modules, self.eligible, lambda: None if self.current is None else self.current.layer
         )
         rank_zero_info(
             f"ManifoldMixupCallback: mixing at {self.eligible} with alpha={self.alpha}, "
@@ -444,9 +449,7 @@ class ManifoldMixupCallback(pl.Callback):
 
         partner_y = _global_rows(y).index_select(0, index) if self._global else None
         new_target = self._mix_target(y, decision, partner_y)
-        if self.attention_mask_key is not None:
-            gather = _global_rows if self._global else None
-            union_batch_masks(batch, x, self.attention_mask_key, index, gather)
+        self._masks.apply(batch, x, layer, index, _global_rows if self._global else None)
         if layer == INPUT:
             if box_center is not None:
                 mixed: Any = cutmix_tensor(x, index, box)

@@ -21,9 +21,10 @@ attribute (every ``transformers.PreTrainedModel``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -171,7 +172,7 @@ def union_batch_masks(
     key: str,
     index: Tensor,
     gather: Callable[[Tensor], Tensor] | None = None,
-) -> bool:
+) -> int | None:
     """Replace the attention mask of a mixed batch by :func:`union_attention_mask`, in place.
 
     The mask is looked up at ``batch[key]`` (a tokenizer's dict batch), else at ``x[key]``
@@ -185,15 +186,105 @@ def union_batch_masks(
         gather: for global pairing, returns every rank's rows of a tensor (rank order).
 
     Returns:
-        Whether a mask was found and replaced.
+        The mask's length ``L`` when one was found and replaced, else None.
     """
     for holder in (batch, x):
         mask = holder.get(key) if isinstance(holder, MutableMapping) else None
         if isinstance(mask, Tensor):
             rows = gather(mask) if gather is not None else mask
             holder[key] = union_attention_mask(mask, rows.index_select(0, index.to(mask.device)))
-            return True
-    return False
+            return int(mask.shape[-1])
+    return None
+
+
+class MaskUnion:
+    """Union attention masks for mixed batches, and a warning where they cannot help.
+
+    The model reads the mask before the mixed layer runs, so the union is applied to the
+    whole batch. It is only worth it when the mixed layer's output has a token dimension of
+    the mask's length (embeddings, encoder blocks); for a pooled ``(B, H)`` output it only
+    makes rows attend to their own padding, and a warning (once per layer) says so.
+
+    Args:
+        key: the mask's key (``attention_mask_key``); None disables the union.
+    """
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+        self._pending: tuple[str, int] | None = None  # (mixed layer, mask length)
+        self._warned: set[str] = set()
+
+    def apply(
+        self,
+        batch: Any,
+        x: Any,
+        layer: str,
+        index: Tensor,
+        gather: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Union the masks of a batch mixed at ``layer`` (see :func:`union_batch_masks`)."""
+        self._pending = None
+        if self.key is None:
+            return
+        length = union_batch_masks(batch, x, self.key, index, gather)
+        if length is not None:
+            self._pending = (layer, length)
+
+    def watch(
+        self,
+        modules: Mapping[str, nn.Module],
+        names: Sequence[str],
+        mixing_at: Callable[[], str | None],
+    ) -> list[RemovableHandle]:
+        """Forward hooks on the layers ``names`` that check the mixed output's token dimension.
+
+        ``mixing_at`` returns the layer the batch in flight is mixed at (None when no mix is
+        in flight), so batches that are not mixed are never checked. Registered only when the
+        union is on and ``modules`` hold a Hugging Face model (:func:`is_hf_model`), so other
+        models carry no extra hook.
+        """
+        if self.key is None or not any(is_hf_model(m) for m in modules.values()):
+            return []
+
+        def checker(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                pending = self._pending
+                if pending is None or pending[0] != name or mixing_at() != name:
+                    return
+                if name not in self._warned:
+                    self._check(name, output, pending[1])
+
+            return hook
+
+        return [modules[n].register_forward_hook(checker(n)) for n in names if n in modules]
+
+    def _check(self, name: str, output: Any, length: int) -> None:
+        first = _first_tensor(output)
+        if first is None or (first.ndim >= 3 and first.shape[1] == length):
+            return
+        self._warned.add(name)
+        rank_zero_warn(
+            f"ManifoldMixupCallback: layer {name!r} returned {_describe(first)}, with no token "
+            f"dimension of the attention mask's length {length}, but the mask at {self.key!r} "
+            "was replaced by the union of each mixed pair's masks, which only helps where "
+            "per-token states are mixed: here rows attend to their own padding for nothing. "
+            "Set attention_mask_key=None to mix pooled representations, or mix per-token "
+            "layers (embeddings, encoder blocks)."
+        )
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor in a layer's output (a tensor, tuple, list or ModelOutput)."""
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
 
 
 def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:

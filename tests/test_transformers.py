@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,20 @@ def test_a_mask_inside_the_input_dict_of_a_list_batch_gets_the_union_too() -> No
     assert torch.equal(model.seen_masks[0], mask | mask[indices[0]])
 
 
+def test_union_masks_with_a_pooled_layer_warn_once_and_not_with_own_masks() -> None:
+    pooled = ["model.bert.pooler"]
+    with pytest.warns(UserWarning, match=r"'model\.bert\.pooler' returned .* no token dimension"):
+        quiet_trainer(max_steps=2, callbacks=[callback(layers=pooled)]).fit(
+            TextClassifier(tiny_bert()), loader()
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*no token dimension")
+        cb = callback(layers=pooled, attention_mask_key=None)
+        quiet_trainer(max_steps=2, callbacks=[cb]).fit(TextClassifier(tiny_bert()), loader())
+        cb = callback()  # encoder blocks: (B, L, H) outputs
+        quiet_trainer(max_steps=2, callbacks=[cb]).fit(TextClassifier(tiny_bert()), loader())
+
+
 def test_attention_mask_key_none_keeps_every_rows_own_mask() -> None:
     model = TextClassifier(tiny_bert())
     quiet_trainer(max_steps=1, callbacks=[callback(attention_mask_key=None)]).fit(model, loader())
@@ -445,3 +460,17 @@ def test_albert_shared_layers_that_run_at_several_depths_are_not_selected(
     assert len(runs) == groups * inner
     assert all(count == 4 // groups for count in runs.values())
     assert candidate_layers(albert) == ["albert.pooler_activation"]
+
+
+@pytest.mark.slow
+def test_a_compiled_hf_model_is_mixed_with_bounded_graphs() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = TextClassifier(tiny_bert())
+    model.model = torch.compile(model.model, backend="eager")
+    cb = callback(layers=["model.bert.encoder.layer.*"])
+    quiet_trainer(max_steps=6, callbacks=[cb]).fit(model, loader(text_rows(48)))
+    assert sum(cb.summary["layers"].values()) == 6
+    assert int(counters["stats"]["unique_graphs"]) <= len(cb.eligible) + 1
