@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_manifold_mixup.layers import named_layers
 from lightning_manifold_mixup.mixing import MixedTarget, map_nested
 
 # What the callback has in flight for the current training batch: the batch's own target
@@ -307,8 +308,6 @@ def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
     Returns:
         The names to drop from automatic selection.
     """
-    from lightning_manifold_mixup.layers import named_layers  # layers imports this module
-
     modules = named_layers(model)
     if is_hf_model(model):
         roots = [""]
