@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_manifold_mixup.hf import MaskUnion, check_input_mixable, guard_hf_labels
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
@@ -102,6 +103,11 @@ class ManifoldMixupCallback(pl.Callback):
             combined with CutMix. ``MixDecision.index`` then holds global row indices. With
             one data-parallel replica it behaves as ``"local"`` (with a warning); with tensor
             parallelism it is refused.
+        attention_mask_key: the key of a ``(B, L)`` attention mask in a dict batch or in a
+            dict input (``batch[input_key]``); rows of a mixed batch get the union of their
+            own and their partner's mask, so the partner's tokens beyond the row's length stay
+            visible to later layers (see ``docs/transformers.md``). Ignored when there is no
+            such key; None keeps every row's own mask.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -130,6 +136,7 @@ class ManifoldMixupCallback(pl.Callback):
         stop_epoch: int | None = None,
         cutmix_prob: float = 0.0,
         pairing: Pairing = "local",
+        attention_mask_key: str | None = "attention_mask",
     ) -> None:
         super().__init__()
         problems: list[str] = []
@@ -183,6 +190,8 @@ class ManifoldMixupCallback(pl.Callback):
                     "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
                 )
         _check_choice(problems, "pairing", pairing, ("local", "global"))
+        if attention_mask_key is not None and not isinstance(attention_mask_key, str):
+            problems.append(f"attention_mask_key must be a str or None, got {attention_mask_key!r}")
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
 
@@ -205,6 +214,8 @@ class ManifoldMixupCallback(pl.Callback):
         self.stop_epoch = None if stop_epoch is None else int(stop_epoch)
         self.cutmix_prob = float(cutmix_prob)
         self.pairing: Pairing = pairing
+        self.attention_mask_key = attention_mask_key
+        self._masks = MaskUnion(attention_mask_key)
         self.summary: dict[str, Any] = {}
 
         self.current: MixDecision | None = None
@@ -334,6 +345,13 @@ class ManifoldMixupCallback(pl.Callback):
             if name == INPUT:
                 continue
             self._handles.append(modules[name].register_forward_hook(self._make_hook(name)))
+        self._handles += guard_hf_labels(
+            pl_module, lambda: (self._original_target, self._target), self.target_key
+        )
+        self._masks = MaskUnion(self.attention_mask_key)
+        self._handles += self._masks.watch(
+            modules, self.eligible, lambda: None if self.current is None else self.current.layer
+        )
         rank_zero_info(
             f"ManifoldMixupCallback: mixing at {self.eligible} with alpha={self.alpha}, "
             f"probability={self.probability}, lam_mode={self.lam_mode!r}"
@@ -360,6 +378,7 @@ class ManifoldMixupCallback(pl.Callback):
             "stop_epoch": self.stop_epoch,
             "cutmix_prob": self.cutmix_prob,
             "pairing": self.pairing,
+            "attention_mask_key": self.attention_mask_key,
         }
 
     def alpha_at(self, trainer: pl.Trainer) -> float:
@@ -410,7 +429,9 @@ class ManifoldMixupCallback(pl.Callback):
                 f"target_key={self.target_key!r}."
             )
         self._batch_size = batch_size
+        self._original_target = y
         if self._probe is not None and INPUT in self.eligible:
+            check_input_mixable(x, self.input_key)
             _check_input_mixable(x, batch_size, self.input_key)
         world = trainer.world_size if self._global else 1
         if self._global:
@@ -455,9 +476,9 @@ class ManifoldMixupCallback(pl.Callback):
         index = _to_device(perm, device)
         decision = MixDecision(layer, draw.layer, lam, index, box_center)
 
-        self._original_target = y
         partner_y = _global_rows(y).index_select(0, index) if self._global else None
         new_target = self._mix_target(y, decision, partner_y)
+        self._masks.apply(batch, x, layer, index, _global_rows if self._global else None)
         if layer == INPUT:
             if box_center is not None:
                 mixed: Any = cutmix_tensor(x, index, box)

@@ -247,6 +247,8 @@ def candidate_layers(model: nn.Module) -> list[str]:
        an MLP.
     4. Other composite modules are searched; other leaves (Linear, Conv, norms, dropout) are
        never selected.
+    5. Blocks of a Hugging Face model that run several times per forward (ALBERT's shared
+       layers) are dropped (see :func:`lightning_manifold_mixup.hf.reused_blocks`).
 
     The result holds normalized names and never the input; add ``"input"`` yourself.
 
@@ -262,7 +264,10 @@ def candidate_layers(model: nn.Module) -> list[str]:
     seen: dict[str, None] = {}
     for name in out:
         seen.setdefault(normalize_name(name), None)
-    return list(seen)
+    from lightning_manifold_mixup.hf import reused_blocks  # hf imports this module
+
+    shared = reused_blocks(model, list(seen))
+    return [name for name in seen if name not in shared]
 
 
 def _listing(names: Sequence[str], limit: int = 40) -> str:

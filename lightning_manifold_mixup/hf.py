@@ -1,0 +1,387 @@
+"""Hugging Face ``transformers`` models and their batches (no ``transformers`` import).
+
+Three things go wrong when a Hugging Face model meets mixed targets or token batches, and this
+module holds the checks and the fix the callback applies:
+
+- **The model's own loss.** A ``*ForSequenceClassification`` model called with ``labels=``
+  computes its loss from them. Mixed labels are float soft targets (or a
+  :class:`~lightning_manifold_mixup.mixing.MixedTarget`), so the model infers
+  ``config.problem_type = "multi_label_classification"`` for good and trains with BCE on
+  logits, or fails. :func:`guard_hf_labels` refuses that call before any optimizer step.
+- **Padding.** Hidden states of two rows are mixed position by position, but each row keeps
+  its own attention mask in every later layer, so the partner's tokens beyond the row's own
+  length would be dropped. :func:`union_attention_mask` gives mixed rows the union of both
+  masks.
+- **Token ids as input.** Integer ``input_ids`` cannot be mixed; :func:`check_input_mixable`
+  refuses ``"input"`` in the eligible set at the first batch instead of when it is drawn.
+
+Models are recognised by duck typing: a module with a ``config`` that has a ``problem_type``
+attribute (every ``transformers.PreTrainedModel``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_manifold_mixup.layers import named_layers
+from lightning_manifold_mixup.mixing import MixedTarget, map_nested
+
+# What the callback has in flight for the current training batch: the batch's own target
+# (before mixing) and the mixed target that replaced it (None when the batch is not mixed).
+TargetsInFlight = Callable[[], tuple[Any, Any]]
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a ``transformers.PreTrainedModel``: ``config.problem_type``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = nn.Linear(2, 2)
+        >>> is_hf_model(m)
+        False
+        >>> m.config = SimpleNamespace(problem_type=None)
+        >>> is_hf_model(m)
+        True
+    """
+    config = getattr(module, "config", None)
+    return config is not None and hasattr(config, "problem_type")
+
+
+def _config(module: nn.Module) -> Any:
+    return module.config
+
+
+def _is_class_labels(target: Any) -> bool:
+    return isinstance(target, Tensor) and not target.is_floating_point()
+
+
+def _fix_message(name: str, module: nn.Module, target_key: int | str, found: str) -> str:
+    kind = type(module).__name__
+    key = repr(target_key)
+    return (
+        f"ManifoldMixupCallback: {kind} at {name!r} was called with the training targets "
+        f"(batch[{key}], {found}) as an argument. A Hugging Face model given labels computes "
+        "its own loss, and on mixed targets (float soft targets or a MixedTarget) it switches "
+        "config.problem_type to 'multi_label_classification' for good and trains with BCE "
+        "on logits, or fails. Call the model without labels and compute the mixup loss:\n"
+        f"    inputs = {{k: v for k, v in batch.items() if k != {key}}}\n"
+        "    out = self.model(**inputs)\n"
+        f"    loss = self.mixup_loss(out.logits, batch[{key}])\n"
+        "(mixup_loss from ManifoldMixupMixin, or lightning_manifold_mixup.mixup_loss)."
+    )
+
+
+def guard_hf_labels(
+    model: nn.Module, in_flight: TargetsInFlight, target_key: int | str
+) -> list[RemovableHandle]:
+    """Hooks that stop a Hugging Face model from computing its loss on the training targets.
+
+    On every submodule that :func:`is_hf_model`, a forward pre-hook raises ``RuntimeError``
+    (with the fix in its message) when one of the call's arguments is the batch's class labels
+    or their mixed replacement, or any :class:`MixedTarget`; it raises before the forward
+    runs, so the model's config is never touched. Float targets (multi-label, regression) are
+    left alone: the model's loss for them is the same on mixed and unmixed batches. As a
+    backstop for copies of the targets (``labels.clone()``), a forward hook restores
+    ``config.problem_type`` and raises if the forward changed it while integer class labels
+    were being mixed.
+
+    Args:
+        model: searched with ``named_modules()`` (a LightningModule).
+        in_flight: returns ``(original, mixed)`` for the training batch in flight, both None
+            outside training batches (validation is never checked).
+        target_key: where the targets sit in the batch, for the message.
+
+    Returns:
+        The hook handles (two per model found); remove them when fit ends.
+    """
+    handles: list[RemovableHandle] = []
+    for name, module in model.named_modules():
+        if is_hf_model(module):
+            handles.extend(_guard_one(name, module, in_flight, target_key))
+    return handles
+
+
+def _guard_one(
+    name: str, module: nn.Module, in_flight: TargetsInFlight, target_key: int | str
+) -> list[RemovableHandle]:
+    before: list[Any] = []
+
+    def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        original, mixed = in_flight()
+        before[:] = [_config(mod).problem_type]
+        if original is None:
+            return
+        labels = _is_class_labels(original)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, MixedTarget):
+                raise RuntimeError(_fix_message(name, mod, target_key, "a MixedTarget"))
+            if labels and value is not None and (value is original or value is mixed):
+                found = "the class labels" if value is original else "the mixed soft targets"
+                raise RuntimeError(_fix_message(name, mod, target_key, found))
+
+    def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        original, _ = in_flight()
+        if not before or original is None or not _is_class_labels(original):
+            return
+        old, new = before[0], _config(mod).problem_type
+        if new != old and new != "single_label_classification":
+            _config(mod).problem_type = old
+            raise RuntimeError(
+                _fix_message(name, mod, target_key, "a copy of the mixed targets")
+                + f"\nThe forward set config.problem_type to {new!r}; it was restored to {old!r}."
+            )
+
+    return [
+        module.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        module.register_forward_hook(post_hook),
+    ]
+
+
+def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
+    """The attention mask of mixed rows: a position is kept where either row has a token.
+
+    Mixing hidden states position by position puts the partner's tokens at positions where
+    the row itself may be padding. With the row's own mask, later layers never attend to those
+    positions and the partner's tokens beyond the row's length are lost, while the targets
+    still credit the partner with ``1 - lam``; with the union both rows' tokens stay visible.
+
+    Args:
+        mask: ``(B, L)`` attention mask (1/True = token, 0/False = padding), any dtype.
+        partner: the partner rows' masks, ``mask[index]``, same shape.
+
+    Returns:
+        ``(B, L)`` mask of ``mask``'s dtype and device.
+
+    Example:
+        >>> import torch
+        >>> mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+        >>> union_attention_mask(mask, mask[torch.tensor([1, 0])])
+        tensor([[1, 1, 1, 0],
+                [1, 1, 1, 0]])
+    """
+    return (mask.bool() | partner.to(mask.device).bool()).to(mask.dtype)
+
+
+def union_batch_masks(
+    batch: Any,
+    x: Any,
+    key: str,
+    index: Tensor,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> int | None:
+    """Replace the attention mask of a mixed batch by :func:`union_attention_mask`, in place.
+
+    The mask is looked up at ``batch[key]`` (a tokenizer's dict batch), else at ``x[key]``
+    (the input, for ``(encoding, labels)`` batches). A batch without it is left alone.
+
+    Args:
+        batch: the training batch.
+        x: the batch's input (``batch[input_key]``).
+        key: the mask's key, e.g. ``"attention_mask"``.
+        index: ``(B,)`` partner rows: a permutation, or global row indices with ``gather``.
+        gather: for global pairing, returns every rank's rows of a tensor (rank order).
+
+    Returns:
+        The mask's length ``L`` when one was found and replaced, else None.
+    """
+    for holder in (batch, x):
+        mask = holder.get(key) if isinstance(holder, MutableMapping) else None
+        if isinstance(mask, Tensor):
+            rows = gather(mask) if gather is not None else mask
+            holder[key] = union_attention_mask(mask, rows.index_select(0, index.to(mask.device)))
+            return int(mask.shape[-1])
+    return None
+
+
+class MaskUnion:
+    """Union attention masks for mixed batches, and a warning where they cannot help.
+
+    The model reads the mask before the mixed layer runs, so the union is applied to the
+    whole batch. It is only worth it when the mixed layer's output has a token dimension of
+    the mask's length (embeddings, encoder blocks); for a pooled ``(B, H)`` output it only
+    makes rows attend to their own padding, and a warning (once per layer) says so.
+
+    Args:
+        key: the mask's key (``attention_mask_key``); None disables the union.
+    """
+
+    def __init__(self, key: str | None) -> None:
+        self.key = key
+        self._pending: tuple[str, int] | None = None  # (mixed layer, mask length)
+        self._warned: set[str] = set()
+
+    def apply(
+        self,
+        batch: Any,
+        x: Any,
+        layer: str,
+        index: Tensor,
+        gather: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Union the masks of a batch mixed at ``layer`` (see :func:`union_batch_masks`)."""
+        self._pending = None
+        if self.key is None:
+            return
+        length = union_batch_masks(batch, x, self.key, index, gather)
+        if length is not None:
+            self._pending = (layer, length)
+
+    def watch(
+        self,
+        modules: Mapping[str, nn.Module],
+        names: Sequence[str],
+        mixing_at: Callable[[], str | None],
+    ) -> list[RemovableHandle]:
+        """Forward hooks on the layers ``names`` that check the mixed output's token dimension.
+
+        ``mixing_at`` returns the layer the batch in flight is mixed at (None when no mix is
+        in flight), so batches that are not mixed are never checked. Registered only when the
+        union is on and ``modules`` hold a Hugging Face model (:func:`is_hf_model`), so other
+        models carry no extra hook.
+        """
+        if self.key is None or not any(is_hf_model(m) for m in modules.values()):
+            return []
+
+        def checker(name: str) -> Callable[[nn.Module, Any, Any], None]:
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                pending = self._pending
+                if pending is None or pending[0] != name or mixing_at() != name:
+                    return
+                if name not in self._warned:
+                    self._check(name, output, pending[1])
+
+            return hook
+
+        return [modules[n].register_forward_hook(checker(n)) for n in names if n in modules]
+
+    def _check(self, name: str, output: Any, length: int) -> None:
+        first = _first_tensor(output)
+        if first is None or (first.ndim >= 3 and first.shape[1] == length):
+            return
+        self._warned.add(name)
+        rank_zero_warn(
+            f"ManifoldMixupCallback: layer {name!r} returned {_describe(first)}, with no token "
+            f"dimension of the attention mask's length {length}, but the mask at {self.key!r} "
+            "was replaced by the union of each mixed pair's masks, which only helps where "
+            "per-token states are mixed: here rows attend to their own padding for nothing. "
+            "Set attention_mask_key=None to mix pooled representations, or mix per-token "
+            "layers (embeddings, encoder blocks)."
+        )
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor in a layer's output (a tensor, tuple, list or ModelOutput)."""
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for value in obj:
+            found = _first_tensor(value)
+            if found is not None:
+                return found
+    return None
+
+
+def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
+    """Candidate blocks of a Hugging Face model that run several times per forward.
+
+    ALBERT-style models share blocks across depth: a forward makes
+    ``num_hidden_layers * inner_group_num`` block calls with only
+    ``num_hidden_groups * inner_group_num`` distinct blocks. A block that runs several times
+    would be mixed at every run (the same mix, compounded), which is not the paper's single
+    mix at one depth. Blocks are the candidates that sit in a ``ModuleList`` or
+    ``Sequential``; a model is flagged when it holds fewer distinct blocks than the block calls
+    its config declares (``num_hidden_layers``, times ``inner_group_num`` where the config has
+    it). Encoder-decoder models hold more blocks than ``num_hidden_layers`` (both stacks), so
+    they are never flagged.
+
+    Args:
+        model: the module the names are relative to (normalized names).
+        candidates: names from automatic selection.
+
+    Returns:
+        The names to drop from automatic selection.
+    """
+    modules = named_layers(model)
+    if is_hf_model(model):
+        roots = [""]
+    else:
+        found = [name for name, module in modules.items() if is_hf_model(module)]
+        roots = [n for n in found if not any(n.startswith(other + ".") for other in found)]
+    flagged: set[str] = set()
+    for root in roots:
+        root_module = model if root == "" else modules[root]
+        prefix = f"{root}." if root else ""
+        blocks = [
+            name
+            for name in candidates
+            if name.startswith(prefix) and _in_stack(name, modules, model)
+        ]
+        if 0 < len({id(modules[n]) for n in blocks}) < _block_runs(root_module.config):
+            flagged.update(blocks)
+    return flagged
+
+
+def _block_runs(config: Any) -> int:
+    """Block calls per forward that a config declares: ``num_hidden_layers``, times ALBERT's
+    ``inner_group_num`` (the blocks each layer group runs in turn); 0 when unknown."""
+    depth = getattr(config, "num_hidden_layers", None)
+    inner = getattr(config, "inner_group_num", 1)
+    if not isinstance(depth, int) or not isinstance(inner, int):
+        return 0
+    return depth * inner
+
+
+def _in_stack(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name, model) if parent_name else model
+    return isinstance(parent, (nn.ModuleList, nn.Sequential))
+
+
+def check_input_mixable(x: Any, input_key: int | str) -> None:
+    """Refuse input mixup of a batch input with no floating tensor (token ids), at once.
+
+    Raises:
+        ValueError: naming the input and the way out (mix a hidden layer, e.g. the
+            embeddings' output, instead of ``"input"``).
+
+    Example:
+        >>> import torch
+        >>> check_input_mixable(torch.randn(2, 3), 0)
+        >>> check_input_mixable(torch.tensor([[5, 7]]), "input_ids")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: input mixup needs a floating-point input: ...
+    """
+    _, count = map_nested(x, lambda t: t, _first_dim(x))
+    if count == 0:
+        raise ValueError(
+            "input mixup needs a floating-point input: layers lists 'input', but the batch "
+            f"input at input_key={input_key!r} holds no floating-point tensor "
+            f"({_describe(x)}), e.g. token ids, which cannot be mixed. "
+            "Remove 'input' from layers and mix a hidden layer instead (for a Hugging Face "
+            "model, the embeddings' output such as 'model.bert.embeddings', or an encoder "
+            "block)."
+        )
+
+
+def _first_dim(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0]) if x.ndim else -1
+    if isinstance(x, dict):
+        return next((_first_dim(v) for v in x.values()), -1)
+    if isinstance(x, (list, tuple)) and x:
+        return _first_dim(x[0])
+    return -1
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
