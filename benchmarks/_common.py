@@ -105,8 +105,13 @@ class ManualDriver:
     def start(self, batch: list[Any]) -> None:
         self.cb.on_train_batch_start(self.trainer, self.module, batch, 0)  # type: ignore[arg-type]
 
-    def end(self, batch: list[Any]) -> None:
-        self.cb.on_train_batch_end(self.trainer, self.module, None, batch, 0)  # type: ignore[arg-type]
+    def end(self, batch: list[Any], loss: torch.Tensor | None = None) -> None:
+        # Lightning hands on_train_batch_end the step's outputs ({"loss": ...} under automatic
+        # optimization); None would mean training_step skipped the batch, and the callback
+        # would then never finish its first-step probe (its hooks would keep counting runs,
+        # and a compiled model would recompile every step).
+        outputs = {"loss": loss}
+        self.cb.on_train_batch_end(self.trainer, self.module, outputs, batch, 0)  # type: ignore[arg-type]
 
     def train_step(
         self,
@@ -115,14 +120,17 @@ class ManualDriver:
         forward: Callable[[Any], torch.Tensor] | None = None,
     ) -> None:
         """One mixed SGD step: hooks, forward (``forward`` or the module), ``mixup_loss``,
-        backward, optimizer step."""
+        backward (between ``on_before_backward`` and ``on_after_backward``, as Lightning
+        calls them), optimizer step."""
         self.start(batch)
         logits = (forward or self.module)(batch[0])
         loss = self.module.mixup_loss(logits, batch[1])  # type: ignore[operator]
         optimizer.zero_grad(set_to_none=True)
+        self.cb.on_before_backward(self.trainer, self.module, loss)  # type: ignore[arg-type]
         loss.backward()
+        self.cb.on_after_backward(self.trainer, self.module)  # type: ignore[arg-type]
         optimizer.step()
-        self.end(batch)
+        self.end(batch, loss)
 
     def close(self) -> None:
         self.cb.teardown(self.trainer, self.module, "fit")  # type: ignore[arg-type]

@@ -11,6 +11,10 @@ number of eligible layers + 1).
 
     python benchmarks/compile_and_memory.py                 # CPU, inductor
     python benchmarks/compile_and_memory.py --device cuda
+    python benchmarks/compile_and_memory.py --batch 32 --hidden 64   # host-bound, as on a GPU
+
+It also prints dynamo's counters (graphs, graph breaks, recompile-limit hits); for the
+reasons, run with TORCH_LOGS="graph_breaks,recompiles" (add "guards" for the guard lists).
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ from lightning_manifold_mixup.models import MLP
 LAYERS = ["input", "net.layers.1", "net.layers.3"]
 
 
-def make(device: torch.device, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def make(
+    device: torch.device, batch: int, hidden: int = 1024
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
-    net = MLP(784, 10, hidden=(1024, 1024)).to(device)
+    net = MLP(784, 10, hidden=(hidden, hidden)).to(device)
     x = torch.randn(batch, 784, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     return net, x, y
@@ -52,10 +58,12 @@ class PlainMLP(MLP):
         return super().forward(x)
 
 
-def step_fns(device: torch.device, batch: int, backend: str) -> tuple[dict[str, Any], Any]:
-    net, x, y = make(device, batch)
+def step_fns(
+    device: torch.device, batch: int, backend: str, hidden: int = 1024
+) -> tuple[dict[str, Any], Any]:
+    net, x, y = make(device, batch, hidden)
     mix_net = copy.deepcopy(net)
-    plain_net = PlainMLP(784, 10, hidden=(1024, 1024)).to(device)
+    plain_net = PlainMLP(784, 10, hidden=(hidden, hidden)).to(device)
     plain_net.load_state_dict(net.state_dict())
     plain_mod = Holder(plain_net, 10)
     mix_mod = Holder(mix_net, 10)
@@ -75,6 +83,22 @@ def step_fns(device: torch.device, batch: int, backend: str) -> tuple[dict[str, 
         driver.train_step([x, y], opt_b)
 
     return {"compiled_plain": plain, "compiled_callback": mixed}, driver.close
+
+
+def dynamo_counters() -> dict[str, int]:
+    """Graphs compiled, graph breaks and recompile-limit hits since ``counters.clear()``.
+
+    A hit of ``torch._dynamo.config.recompile_limit`` means a frame keeps failing its guards
+    (e.g. an integer attribute that changes every step) and dynamo runs it uncompiled from
+    then on: the "compiled" step is then an eager one. ``TORCH_LOGS=recompiles`` names the guard.
+    """
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+        "recompile_limit_hits": sum(
+            n for reason, n in counters["unimplemented"].items() if "recompile" in reason.lower()
+        ),
+    }
 
 
 def memory(device: torch.device, batch: int) -> dict[str, Any]:
@@ -109,6 +133,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--hidden", type=int, default=1024, help="MLP width (64: a host-bound step on the CPU)"
+    )
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--steps", type=int, default=40, help="steps before counting graphs")
     parser.add_argument("--rounds", type=int, default=10)
@@ -128,23 +155,34 @@ def main() -> None:
 
     torch._dynamo.reset()
     counters.clear()
-    fns, close = step_fns(device, args.batch, args.backend)
+    fns, close = step_fns(device, args.batch, args.backend, args.hidden)
     for _ in range(args.steps):
         fns["compiled_callback"]()
-    graphs_with_callback = int(counters["stats"]["unique_graphs"])
+    dynamo = dynamo_counters()
     med = interleaved_medians(fns, device, warmup=5, rounds=args.rounds, steps=5)
+    # Graphs compiled while timing (the plain model's one graph, then nothing): more means a
+    # guard keeps failing in steady state and the timings include compilation.
+    timed = dynamo_counters()
     close()
     result["compile"] = {
         "median_s": med,
         "ratio": med["compiled_callback"] / med["compiled_plain"],
-        "graphs_after_callback_steps": graphs_with_callback,
+        "graphs_after_callback_steps": dynamo["graphs"],
         "eligible_layers": len(LAYERS),
+        "dynamo_after_callback_steps": dynamo,
+        "dynamo_after_timing": timed,
     }
     print(
         f"compile ({args.backend}): plain {1 / med['compiled_plain']:.1f} steps/s, callback "
         f"{1 / med['compiled_callback']:.1f} steps/s, ratio of step times "
         f"{med['compiled_callback'] / med['compiled_plain']:.3f}; graphs compiled over "
-        f"{args.steps} mixed steps: {graphs_with_callback} (bound: {len(LAYERS) + 1})"
+        f"{args.steps} mixed steps: {dynamo['graphs']} (bound: {len(LAYERS) + 1}: one per "
+        f"layer choice + the first step's probe)"
+    )
+    print(
+        f"dynamo over the {args.steps} mixed steps: graph breaks {dynamo['graph_breaks']}, "
+        f"recompile-limit hits {dynamo['recompile_limit_hits']}; graphs after timing "
+        f"{timed['graphs']} (expected {dynamo['graphs'] + 1}: + the plain model's)"
     )
     print(f"written: {write_json(f'compile_and_memory_{device.type}', result)}")
 

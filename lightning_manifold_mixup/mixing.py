@@ -87,13 +87,19 @@ def sample_decision(
     lam_mode: LamMode,
     layer_weights: np.ndarray | None = None,
     cutmix_prob: float = 0.0,
+    fixed_lam: float | None = None,
+    lam_transform: str = "none",
+    rows: slice | None = None,
 ) -> Draw | None:
     """Draw the layer, lam, permutation and CutMix choice for one batch; None if unmixed.
 
     Draws happen on the host from ``rng`` in a fixed order, whatever the outcome, so the same
     generator state always gives the same decision. ``lam`` has shape ``()`` or
     ``(batch_size,)``; ``layer_weights`` (summing to 1) replaces the uniform layer choice.
-    ``alpha <= 0`` means no mixing for this batch (a schedule at zero).
+    ``alpha <= 0`` means no mixing for this batch (a schedule at zero). Then ``fixed_lam``
+    replaces every lam, ``lam_transform="max"`` maps lam to ``max(lam, 1 - lam)``, and ``rows``
+    keeps a slice of the permutation (and of a per-row lam): a rank's rows of a draw over the
+    global batch.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -103,14 +109,27 @@ def sample_decision(
         (True, True, [0, 1, 2, 3])
     """
     u = rng.random()
-    k = int(rng.choice(num_layers, p=layer_weights))
+    if layer_weights is None:
+        k = int(rng.integers(num_layers))
+    else:
+        k = min(
+            int(np.searchsorted(np.cumsum(layer_weights), rng.random(), "right")), num_layers - 1
+        )
     size = batch_size if lam_mode == "sample" else None
     lam = rng.beta(alpha, alpha, size=size) if alpha > 0 else np.ones(size or ())
     index = rng.permutation(batch_size)
     cut_u, cy, cx = rng.random(3)
     if u >= probability or alpha <= 0:
         return None
-    return Draw(k, np.asarray(lam, dtype=np.float32), index, bool(cut_u < cutmix_prob), (cy, cx))
+    lam = np.asarray(lam, dtype=np.float32)
+    if rows is not None:
+        index = index[rows]
+        lam = lam[rows] if lam.ndim else lam
+    if fixed_lam is not None:
+        lam = np.full_like(lam, fixed_lam)
+    if lam_transform == "max":
+        lam = np.asarray(np.maximum(lam, 1.0 - lam), dtype=np.float32)
+    return Draw(k, lam, index, bool(cut_u < cutmix_prob), (cy, cx))
 
 
 def cutmix_box(

@@ -18,8 +18,10 @@ from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     MixedTarget,
     mix_targets,
-    mix_targets_with_partner,
     mix_tensor,
+)
+from lightning_manifold_mixup.mixing import (
+    mix_targets_with_partner,
     mix_with_partner,
 )
 
@@ -372,4 +374,4 @@ def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
     cb = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing="global", log=False)
     with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel"):
         cb.on_fit_start(trainer, MLPClassifier())
-    assert cb._handles == []  # refused before any hook is registered
+    assert cb._hooks.handles == []  # refused before any hook is registered

@@ -14,11 +14,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from lightning_manifold_mixup import (
     MixedTarget,
     mix_batch,
-    mix_nested,
     mix_targets,
     mix_tensor,
     one_hot_mix,
     sample_decision,
+)
+from lightning_manifold_mixup.mixing import (
+    mix_nested,
 )
 
 

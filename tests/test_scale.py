@@ -154,7 +154,7 @@ def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
 
     class Spy(L.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            mixed.append(cb.current is not None and cb._calls == 1)
+            mixed.append(cb.current is not None and cb._hooks.calls == 1)
 
     class LossOnly(MLPClassifier):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -220,7 +220,7 @@ def test_names_resolve_through_a_sharding_wrapper_and_its_output_is_mixed() -> N
 
     class Spy(L.Callback):
         def on_train_batch_end(self, *args: Any) -> None:
-            seen.append((cb.current.layer, cb._calls))
+            seen.append((cb.current.layer, cb._hooks.calls))
 
     quiet_trainer(max_steps=4, callbacks=[Spy(), cb]).fit(model, make_loader())
     assert all(calls == 1 for _, calls in seen)

@@ -170,7 +170,7 @@ class ConvNet(ManifoldMixupMixin, L.LightningModule):
         handle = self.net[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
         logits = self(x)
         handle.remove()
-        record = {"d": d, "x": x, "y": y, "h": h, "seen": seen[0], "drawn_lam": cb._box_lam}
+        record = {"d": d, "x": x, "y": y, "h": h, "seen": seen[0], "drawn_lam": cb._batch.box_lam}
         self.records.append(record)
         return self.mixup_loss(logits, y)
 

@@ -52,7 +52,8 @@ class Seen(L.Callback):
         self.mixup, self.rows = mixup, []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
-        self.rows.append((self.mixup.current.layer, self.mixup._calls, outputs["loss"].detach()))
+        runs = self.mixup._hooks.calls
+        self.rows.append((self.mixup.current.layer, runs, outputs["loss"].detach()))
 
 
 def fit_and_record(

@@ -1,0 +1,96 @@
+"""Reading and rewriting the input and target of a training batch, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin
+
+
+def describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
+    return f"a {type(obj).__name__}"
+
+
+def get_entry(batch: Any, key: int | str, what: str) -> Any:
+    """``batch[key]``, or an error that shows the batch's keys and the argument to set."""
+    try:
+        return batch[key]
+    except (KeyError, IndexError, TypeError) as err:
+        keys = list(batch.keys()) if isinstance(batch, Mapping) else None
+        shape = f"keys {keys}" if keys is not None else f"a {type(batch).__name__}"
+        if isinstance(batch, Sequence) and not isinstance(batch, str):
+            shape += f" of length {len(batch)}"
+        raise ValueError(
+            f"ManifoldMixupCallback: no entry at {what}={key!r} in the training batch "
+            f"({shape}). Set {what} to the position (int) or key (str) of the "
+            f"{'input' if what == 'input_key' else 'target'}."
+        ) from err
+
+
+def input_and_target(
+    batch: Any, input_key: int | str, target_key: int | str
+) -> tuple[Any, Tensor, int]:
+    """``(x, y, batch size)`` of a training batch, with the shapes checked against each other."""
+    x = get_entry(batch, input_key, "input_key")
+    y = get_entry(batch, target_key, "target_key")
+    if not isinstance(y, Tensor):
+        raise TypeError(
+            f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
+            f"{type(y).__name__}, not a tensor. With several training dataloaders each batch "
+            "holds one batch per loader, which cannot be mixed as one; train on a single "
+            "loader (or one dataset), or set target_key to where a (B,) / (B, C) target "
+            "tensor sits."
+        )
+    rows = batch_size_of(x)
+    if y.ndim == 0 or y.shape[0] != rows:
+        raise ValueError(
+            f"input and target batch sizes differ: input has {rows} rows, target "
+            f"has shape {tuple(y.shape)}. Check input_key={input_key!r} and "
+            f"target_key={target_key!r}."
+        )
+    return x, y, rows
+
+
+def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) -> None:
+    """Write ``value`` into the batch in place (Lightning hands this object to training_step)."""
+    if isinstance(batch, MutableMapping):
+        batch[key] = value
+        return
+    if isinstance(batch, MutableSequence) and isinstance(key, int):
+        batch[key] = value
+        return
+    kind = f"{type(batch).__name__} batch"
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        kind = f"namedtuple batch ({type(batch).__name__})"
+        fix = "Return a list or dict from your collate_fn (the mixin converts only plain tuples)."
+    elif isinstance(pl_module, ManifoldMixupMixin):
+        fix = (
+            "The mixin turns tuples into lists in on_after_batch_transfer, but Lightning calls "
+            "a LightningDataModule's on_after_batch_transfer instead when it defines one: "
+            "return a list there (list(batch)), or a list or dict from your collate_fn."
+        )
+    else:
+        fix = (
+            "Return lists or dicts from your collate_fn, or subclass ManifoldMixupMixin, which "
+            "turns tuple batches into lists before the callback sees them."
+        )
+    raise TypeError(f"ManifoldMixupCallback cannot rewrite a {kind} in place. {fix}")
+
+
+def batch_size_of(x: Any) -> int:
+    if isinstance(x, Tensor):
+        if x.ndim == 0:
+            raise ValueError("the batch input is a 0-d tensor; it needs a batch dimension")
+        return int(x.shape[0])
+    if isinstance(x, Mapping):
+        for value in x.values():
+            return batch_size_of(value)
+    if isinstance(x, (list, tuple)) and x:
+        return batch_size_of(x[0])
+    raise ValueError(f"cannot find the batch size of the input: got {describe(x)}")

@@ -1,0 +1,174 @@
+"""``MixupConfig``: the callback's arguments, validated in one place.
+
+Every argument is checked once, all problems are reported together, and numbers are normalised
+(numpy scalars become Python numbers). ``hparams()`` derives the logged record from the same
+fields, so an argument is written down here and in the callback's signature only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_manifold_mixup.mixing import LamMode
+
+TargetMode = Literal["soft", "pair"]
+LamTransform = Literal["none", "max"]
+AlphaSchedule = Literal["constant", "linear", "cosine"]
+Pairing = Literal["local", "global"]
+
+# name: (what it must be, low bound, high bound, low bound excluded, integer, None allowed)
+_NUMBERS: dict[str, tuple[str, float | None, float | None, bool, bool, bool]] = {
+    "alpha": ("a number > 0 (Beta(alpha, alpha))", 0.0, None, True, False, False),
+    "probability": ("in [0, 1]", 0.0, 1.0, False, False, False),
+    "num_classes": ("an integer >= 2", 2, None, False, True, True),
+    "seed": ("a non-negative integer or None", 0, None, False, True, True),
+    "fixed_lam": ("in [0, 1] or None", 0.0, 1.0, False, False, True),
+    "warmup_steps": ("an integer >= 0", 0, None, False, True, False),
+    "stop_epoch": ("an integer >= 0 or None", 0, None, False, True, True),
+    "cutmix_prob": ("in [0, 1]", 0.0, 1.0, False, False, False),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "lam_mode": ("batch", "sample"),
+    "targets": ("soft", "pair"),
+    "lam_transform": ("none", "max"),
+    "alpha_schedule": ("constant", "linear", "cosine"),
+    "pairing": ("local", "global"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixupConfig:
+    """The arguments of :class:`~lightning_manifold_mixup.ManifoldMixupCallback`.
+
+    Example:
+        >>> MixupConfig.from_arguments(alpha=np.float32(0.5), layers=["net.1"]).alpha
+        0.5
+    """
+
+    layers: tuple[str, ...] | None = None
+    alpha: float = 2.0
+    probability: float = 1.0
+    lam_mode: LamMode = "batch"
+    num_classes: int | None = None
+    input_key: int | str = 0
+    target_key: int | str = 1
+    seed: int | None = None
+    log: bool = True
+    targets: TargetMode = "soft"
+    layer_weights: tuple[float, ...] | None = None
+    lam_transform: LamTransform = "none"
+    fixed_lam: float | None = None
+    alpha_schedule: AlphaSchedule = "constant"
+    warmup_steps: int = 0
+    stop_epoch: int | None = None
+    cutmix_prob: float = 0.0
+    pairing: Pairing = "local"
+    attention_mask_key: str | None = "attention_mask"
+
+    @classmethod
+    def from_arguments(cls, **arguments: Any) -> MixupConfig:
+        """Validate every argument at once; raise one error listing each problem and its fix."""
+        problems = _problems(arguments)
+        if problems:
+            raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
+        values = dict(arguments)
+        for name, (_, _, _, _, integer, _) in _NUMBERS.items():
+            if values.get(name) is not None:
+                values[name] = int(values[name]) if integer else float(values[name])
+        for name in ("layers", "layer_weights"):
+            if values.get(name) is not None:
+                kind = str if name == "layers" else float
+                values[name] = tuple(kind(v) for v in values[name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> MixupConfig:
+        """A validated copy with ``changes`` applied."""
+        return MixupConfig.from_arguments(**{**self.arguments(), **changes})
+
+    def arguments(self) -> dict[str, Any]:
+        """The fields as the callback's keyword arguments."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    def hparams(self, layers: Sequence[str] | None = None, seed: int | None = None) -> dict:
+        """Every argument as plain data; ``layers`` and ``seed`` as resolved for a fit."""
+        record = dataclasses.asdict(self)
+        for name in ("layers", "layer_weights"):
+            if record[name] is not None:
+                record[name] = list(record[name])
+        if layers:
+            record["layers"] = list(layers)
+        if seed is not None:
+            record["seed"] = seed
+        return record
+
+
+def is_number(value: Any) -> bool:
+    """A real number (Python or numpy scalar); booleans are not numbers here."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _number_problem(name: str, value: Any) -> str | None:
+    expected, lo, hi, lo_open, integer, optional = _NUMBERS[name]
+    if value is None and optional:
+        return None
+    ok = is_number(value) and (not integer or isinstance(value, (int, np.integer)))
+    ok = ok and math.isfinite(value)
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or value <= hi)
+    return None if ok else f"{name} must be {expected}, got {value!r}"
+
+
+def _choice_problem(name: str, value: Any) -> str | None:
+    choices = _CHOICES[name]
+    if value in choices:
+        return None
+    options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+    return f"{name} must be {options}, got {value!r}"
+
+
+def _problems(args: dict[str, Any]) -> list[str]:
+    problems = [p for name in _NUMBERS if (p := _number_problem(name, args.get(name)))]
+    problems += [p for name in _CHOICES if (p := _choice_problem(name, args.get(name)))]
+    layers, weights = args.get("layers"), args.get("layer_weights")
+    if isinstance(layers, str):
+        problems.append(f"layers must be a list of names, not the string {layers!r}")
+    elif layers is not None and len(layers) == 0:
+        problems.append("layers is empty: give at least one name, or None for automatic")
+    for name in ("input_key", "target_key"):
+        key = args.get(name)
+        if not isinstance(key, (int, str)) or isinstance(key, bool):
+            problems.append(f"{name} must be an int or a str, got {key!r}")
+    if args.get("input_key") == args.get("target_key"):
+        problems.append(f"input_key and target_key are both {args.get('input_key')!r}")
+    if weights is not None and (
+        isinstance(weights, str)
+        or len(weights) == 0
+        or not all(is_number(w) and math.isfinite(w) and w >= 0 for w in weights)
+        or sum(weights) <= 0
+    ):
+        problems.append(
+            "layer_weights must be finite non-negative numbers with a positive sum, got "
+            f"{weights!r}"
+        )
+    cutmix = args.get("cutmix_prob")
+    if cutmix is not None and _number_problem("cutmix_prob", cutmix) is None and cutmix > 0:
+        if args.get("lam_mode") == "sample":
+            problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
+        if args.get("pairing") == "global":
+            problems.append(
+                "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
+            )
+    if not isinstance(args.get("log", True), bool):
+        problems.append(f"log must be True or False, got {args.get('log')!r}")
+    mask_key = args.get("attention_mask_key")
+    if mask_key is not None and not isinstance(mask_key, str):
+        problems.append(f"attention_mask_key must be a str or None, got {mask_key!r}")
+    return problems
