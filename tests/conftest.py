@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -69,21 +68,6 @@ def hand_mlp_loss(model: MLPClassifier, row: dict[str, Any]) -> torch.Tensor:
     eye = torch.eye(model.num_classes)
     target = lam * eye[y] + (1 - lam) * eye[y[index]]
     return -(target * torch.log_softmax(h, -1)).sum(-1).mean()
-
-
-def fake_trainer(**fields: Any) -> Any:
-    """A stand-in for the Trainer with what the callback reads, for driving its hooks by hand:
-    one process, no logger, step 0, an unbounded run; ``fields`` override any of these."""
-    defaults: dict[str, Any] = {
-        "global_rank": 0,
-        "world_size": 1,
-        "strategy": None,
-        "loggers": [],
-        "global_step": 0,
-        "current_epoch": 0,
-        "estimated_stepping_batches": float("inf"),
-    }
-    return SimpleNamespace(**{**defaults, **fields})
 
 
 class RecordingLogger(Logger):

@@ -9,17 +9,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import DecisionRecorder, draws, fake_trainer, mixup_of
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import (
-    MLPClassifier,
-    RecordingLogger,
-    fake_trainer,
-    hook_counts,
-    make_loader,
-    quiet_trainer,
-)
+from conftest import MLPClassifier, RecordingLogger, hook_counts, make_loader, quiet_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 
@@ -38,14 +32,12 @@ class Twin(MLPClassifier):
         out = self(x)
         with torch.no_grad():
             torch.testing.assert_close(out, twin(x), rtol=0, atol=0)
-        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
-        assert cb.current is None
+        assert mixup_of(self.trainer).current is None
         self.checked[kind] += 1
         return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
-        self.train_mixed += cb.current is not None
+        self.train_mixed += mixup_of(self.trainer).current is not None
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -135,17 +127,11 @@ def test_current_is_none_outside_training_batches() -> None:
 
 def test_lam_and_layer_are_logged_to_the_loggers_on_logging_steps() -> None:
     cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=0)
-    decisions: list[Any] = []
-
-    class Before(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = RecordingLogger()
-    trainer = quiet_trainer(
-        max_steps=4, callbacks=[Before(), cb], logger=logger, log_every_n_steps=2
-    )
+    trainer = quiet_trainer(max_steps=4, callbacks=[cb, rec], logger=logger, log_every_n_steps=2)
     trainer.fit(MLPClassifier(), make_loader())
+    decisions: list[Any] = rec.decisions
     # Logging steps 2 and 4 (Lightning's 0-based steps 1 and 3), the decision of that step
     assert logger.values("mixup/lam") == pytest.approx([float(decisions[i].lam) for i in (1, 3)])
     assert logger.values("mixup/layer") == [decisions[i].layer_index for i in (1, 3)]
@@ -155,22 +141,17 @@ def test_lam_and_layer_are_logged_to_the_loggers_on_logging_steps() -> None:
 
 def test_accumulated_micro_batches_log_their_mean_lam() -> None:
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
-    decisions: list[Any] = []
-
-    class Before(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = RecordingLogger()
     trainer = quiet_trainer(
         max_steps=2,
-        callbacks=[Before(), cb],
+        callbacks=[cb, rec],
         logger=logger,
         log_every_n_steps=1,
         accumulate_grad_batches=2,
     )
     trainer.fit(MLPClassifier(), make_loader())
-    lams = [float(d.lam) for d in decisions]
+    lams = [float(d.lam) for d in rec.decisions]  # type: ignore[union-attr]
     assert len(lams) == 4
     expected = [(lams[0] + lams[1]) / 2, (lams[2] + lams[3]) / 2]
     assert logger.values("mixup/lam") == pytest.approx(expected)
@@ -312,18 +293,14 @@ class LateMLP(ManifoldMixupMixin, L.LightningModule):
 
 
 def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
-    decisions: list[Any] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
     model = LateMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=2)
+    rec = DecisionRecorder()
     loader = make_loader(n=8, batch_size=8)
-    quiet_trainer(max_steps=1, callbacks=[cb, Spy()]).fit(model, loader)
+    quiet_trainer(max_steps=1, callbacks=[rec, cb]).fit(model, loader)
     assert cb.eligible == ["net.1"]
-    (d,) = decisions
+    (d,) = rec.decisions
+    assert d is not None
     x, y = next(iter(loader))
     assert model.net is not None
     h = model.net[1](model.net[0](x))
@@ -381,17 +358,11 @@ def test_a_batch_that_stops_the_epoch_leaves_no_decision_behind() -> None:
 
 
 def _draws_of_fit(cb: ManifoldMixupCallback, seed: int, **fit_kwargs: Any) -> list[Any]:
-    draws: list[Any] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            d = cb.current
-            draws.append((d.layer, float(d.lam), d.index.tolist()))
-
+    rec = DecisionRecorder()
     L.seed_everything(seed, verbose=False)
-    trainer = quiet_trainer(max_steps=3, callbacks=[cb, Spy()], **fit_kwargs)
+    trainer = quiet_trainer(max_steps=3, callbacks=[cb, rec], **fit_kwargs)
     trainer.fit(MLPClassifier(), make_loader())
-    return draws
+    return rec.draws
 
 
 def test_a_reused_callback_starts_each_new_run_like_a_new_callback() -> None:
@@ -449,23 +420,17 @@ def test_lr_find_before_fit_leaves_the_fit_as_without_it() -> None:
 
     def fit_draws(tune: bool) -> tuple[list[Any], list[Any]]:
         cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=3)
-        seen: list[Any] = []
-
-        class Spy(L.Callback):
-            def on_train_batch_start(self, *args: Any) -> None:
-                d = cb.current
-                seen.append((d.layer, float(d.lam), d.index.tolist()))
-
+        rec = DecisionRecorder()
         model = Tunable()
         before = hook_counts(model)
-        trainer = quiet_trainer(max_steps=4, callbacks=[cb, Spy()])
+        trainer = quiet_trainer(max_steps=4, callbacks=[cb, rec])
         if tune:
             Tuner(trainer).lr_find(model, make_loader(n=256), num_training=10)
-        during_tuning = list(seen)
-        seen.clear()
+        during_tuning = draws(rec.decisions)
+        rec.decisions.clear()
         trainer.fit(model, make_loader(n=256))
         assert {k: v for k, v in hook_counts(model).items() if k in before} == before
-        return during_tuning, seen
+        return during_tuning, rec.draws
 
     _, plain = fit_draws(tune=False)
     tuning, after_tuning = fit_draws(tune=True)

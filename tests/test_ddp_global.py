@@ -10,10 +10,11 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fake_trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from conftest import MLPClassifier, fake_trainer, make_loader, quiet_trainer
+from conftest import MLPClassifier, make_loader, quiet_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     MixedTarget,

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import DecisionRecorder
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import MLPClassifier, hook_counts, make_loader, quiet_trainer
@@ -41,15 +42,10 @@ class InterruptAt(L.Callback):
 
 def _then_usable(model: ValMLP, cb: ManifoldMixupCallback) -> None:
     """A following fit, validate and predict work and are (un)mixed as they should be."""
-    seen: list[Any] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            seen.append(cb.current)
-
-    trainer = quiet_trainer(max_steps=2, callbacks=[Spy(), cb])
+    rec = DecisionRecorder()
+    trainer = quiet_trainer(max_steps=2, callbacks=[cb, rec])
     trainer.fit(model, make_loader())
-    assert len(seen) == 2 and all(d is not None for d in seen)
+    assert len(rec.decisions) == 2 and all(d is not None for d in rec.decisions)
     metrics = trainer.validate(model, make_loader())
     assert metrics[0]["val_loss"] > 0
     preds = trainer.predict(model, make_loader())

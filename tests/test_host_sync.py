@@ -20,9 +20,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import fake_trainer
 from torch import nn
 
-from conftest import MLPClassifier, fake_trainer
+from conftest import MLPClassifier
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 

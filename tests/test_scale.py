@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import DecisionRecorder
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch._dynamo.utils import counters
@@ -77,22 +78,18 @@ def test_low_precision_keeps_hidden_dtype_float32_loss_and_matches_float32(
 def test_gradient_accumulation_mixes_every_micro_batch_and_logs_per_optimizer_step(
     tmp_path: Any,
 ) -> None:
-    decisions: list[Any] = []
     cb = ManifoldMixupCallback(layers=["input", "net.1"], seed=0)
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     trainer = quiet_trainer(
         max_epochs=1,
         accumulate_grad_batches=2,
-        callbacks=[Spy(), cb],
+        callbacks=[cb, rec],
         logger=logger,
         log_every_n_steps=1,
     )
     trainer.fit(MLPClassifier(), make_loader(n=128))
+    decisions: list[Any] = rec.decisions
     assert len(decisions) == 8 and trainer.global_step == 4
     assert len({float(d.lam) for d in decisions}) == 8
     lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()

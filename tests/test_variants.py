@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import DecisionRecorder
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -28,17 +29,8 @@ from lightning_manifold_mixup import (
 )
 
 
-class Recorder(L.Callback):
-    def __init__(self, mixup: ManifoldMixupCallback) -> None:
-        self.mixup = mixup
-        self.decisions: list[Any] = []
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.decisions.append(self.mixup.current)
-
-
 def _fit(cb: ManifoldMixupCallback, model: L.LightningModule | None = None, **kw: Any) -> list[Any]:
-    rec = Recorder(cb)
+    rec = DecisionRecorder()
     loader = kw.pop("loader", None) or make_loader(n=128)
     quiet_trainer(callbacks=[rec, cb], **{"max_epochs": 1, **kw}).fit(
         model or MLPClassifier(), loader
@@ -199,17 +191,13 @@ def test_hidden_cutmix_pastes_a_box_and_targets_use_the_kept_area() -> None:
 
 
 def test_hidden_cutmix_logs_and_counts_the_kept_area_lam() -> None:
-    kept: list[float] = []
-
-    class Spy(L.Callback):  # after the mixup callback: sees the hook's lam, then the log
-        def on_before_backward(self, trainer: L.Trainer, *args: Any) -> None:
-            kept.append(float(cb.current.lam))  # type: ignore[union-attr]
-
     _, _, loader = _images()
     cb = ManifoldMixupCallback(layers=["net.1"], cutmix_prob=1.0, seed=0)
     logger = RecordingLogger()
-    trainer = quiet_trainer(callbacks=[cb, Spy()], max_epochs=1, logger=logger, log_every_n_steps=1)
+    rec = DecisionRecorder()
+    trainer = quiet_trainer(callbacks=[cb, rec], max_epochs=1, logger=logger, log_every_n_steps=1)
     trainer.fit(ConvNet(), loader)
+    kept = [float(d.lam) for d in rec.decisions]  # type: ignore[union-attr]
     logged = logger.values("mixup/lam")
     assert logged == pytest.approx(kept) and len(kept) == 4
     bins = [min(int(lam * 10), 9) for lam in kept]
