@@ -35,6 +35,48 @@ class MLPClassifier(ManifoldMixupMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class LateMLP(ManifoldMixupMixin, L.LightningModule):
+    """Builds its network in configure_model, as Lightning recommends for sharded training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net: nn.Sequential | None = None
+        self.losses: list[torch.Tensor] = []
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(3)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put for the check
+
+
+class PlainModule(L.LightningModule):
+    """A user's module without ManifoldMixupMixin: plain cross-entropy on class labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def make_loader(
     n: int = 64, in_features: int = 8, num_classes: int = 4, batch_size: int = 16, seed: int = 0
 ) -> DataLoader:
@@ -42,6 +84,11 @@ def make_loader(
     x = torch.randn(n, in_features, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    xs, ys = zip(*samples, strict=True)
+    return torch.stack(xs), torch.stack(ys)
 
 
 def mlp_with(weights: dict[str, torch.Tensor]) -> MLPClassifier:

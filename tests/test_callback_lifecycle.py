@@ -9,12 +9,19 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import DecisionRecorder, draws, fake_trainer, mixup_of
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MLPClassifier, RecordingLogger, hook_counts, make_loader, quiet_trainer
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from conftest import (
+    LateMLP,
+    MLPClassifier,
+    RecordingLogger,
+    hook_counts,
+    make_loader,
+    quiet_trainer,
+    tuple_collate,
+)
+from helpers import DecisionRecorder, draws, fake_trainer, mixup_of
+from lightning_manifold_mixup import ManifoldMixupCallback
 
 
 class Twin(MLPClassifier):
@@ -166,14 +173,9 @@ def test_logging_can_be_switched_off() -> None:
     assert logger.values("train_loss_step") != []
 
 
-def _tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    xs, ys = zip(*samples, strict=True)
-    return torch.stack(xs), torch.stack(ys)
-
-
 def test_tuple_batches_work_through_the_mixin() -> None:
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=tuple_collate)
     targets: list[torch.Tensor] = []
 
     class Spy(MLPClassifier):
@@ -184,27 +186,6 @@ def test_tuple_batches_work_through_the_mixin() -> None:
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
     quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), loader)
     assert [t.shape for t in targets] == [torch.Size([4, 4])] * 2
-
-
-class PlainModule(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_classes = 4
-        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_tuple_batches_without_the_mixin_get_a_clear_error() -> None:
-    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
-    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    with pytest.raises(TypeError, match="cannot rewrite a tuple batch in place"):
-        quiet_trainer(max_steps=2, callbacks=[cb]).fit(PlainModule(), loader)
 
 
 def test_dict_batches_use_input_and_target_keys() -> None:
@@ -265,33 +246,6 @@ def test_automatic_layers_are_announced_at_fit_start(caplog: pytest.LogCaptureFi
 # ------------------------------------------------------- layers built late, skipped batches
 
 
-class LateMLP(ManifoldMixupMixin, L.LightningModule):
-    """Builds its network in configure_model, as Lightning recommends for sharded training."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_classes = 4
-        self.net: nn.Sequential | None = None
-        self.losses: list[torch.Tensor] = []
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            torch.manual_seed(3)
-            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.net is not None
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.detach())
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put for the check
-
-
 def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
     model = LateMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=2)
@@ -308,17 +262,6 @@ def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
     target = d.lam * torch.eye(4)[y] + (1 - d.lam) * torch.eye(4)[y[d.index]]
     expected = -(target * torch.log_softmax(model.net[2](h), -1)).sum(-1).mean()
     torch.testing.assert_close(model.losses[0], expected)
-
-
-def test_an_unknown_layer_of_a_late_built_model_fails_before_the_sanity_check() -> None:
-    class Validating(LateMLP):
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            raise AssertionError("the sanity check ran")
-
-    cb = ManifoldMixupCallback(layers=["net.7"], seed=0)
-    trainer = quiet_trainer(max_steps=1, callbacks=[cb], num_sanity_val_steps=2)
-    with pytest.raises(ValueError, match=r"unknown layer 'net\.7'"):
-        trainer.fit(Validating(), make_loader(), make_loader())
 
 
 def test_a_batch_skipped_by_returning_none_does_not_stop_the_fit() -> None:

@@ -20,10 +20,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import fake_trainer
 from torch import nn
 
 from conftest import MLPClassifier
+from helpers import fake_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 

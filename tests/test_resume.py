@@ -7,10 +7,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import DecisionRecorder, Draw
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import DecisionRecorder, Draw
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 

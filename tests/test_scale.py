@@ -9,13 +9,13 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import DecisionRecorder
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import DecisionRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 

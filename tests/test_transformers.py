@@ -12,11 +12,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import DecisionRecorder
 from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import hook_counts, quiet_trainer
+from helpers import DecisionRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin, candidate_layers
 
 transformers = pytest.importorskip("transformers")

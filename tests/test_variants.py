@@ -11,12 +11,11 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import DecisionRecorder
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import MLPClassifier, RecordingLogger, make_loader, quiet_trainer
+from helpers import DecisionRecorder
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -56,12 +55,6 @@ def test_layer_weights_steer_the_layer_choice() -> None:
         for _ in range(4000)
     ]
     assert abs(np.mean(np.array(picks) == 0) - 0.8) < 0.03
-
-
-def test_layer_weights_must_match_the_eligible_set() -> None:
-    cb = ManifoldMixupCallback(layers=["net.*"], layer_weights=[1, 1], seed=0)
-    with pytest.raises(MisconfigurationException, match=r"layer_weights has 2 entries .* has 5"):
-        _fit(cb)
 
 
 def test_max_lam_transform_keeps_the_first_sample_dominant() -> None:
@@ -114,12 +107,6 @@ def test_stop_epoch_switches_mixing_off_in_a_real_fit() -> None:
     decisions = _fit(cb, max_epochs=2, loader=make_loader(n=64))
     assert all(d is not None for d in decisions[:4]) and all(d is None for d in decisions[4:])
     assert cb.summary["unmixed_batches"] == 4
-
-
-def test_schedules_need_a_finite_run() -> None:
-    cb = ManifoldMixupCallback(layers=["net.1"], alpha_schedule="linear", seed=0)
-    with pytest.raises(MisconfigurationException, match="needs a finite run length"):
-        _fit(cb, max_epochs=-1, max_steps=-1, max_time={"seconds": 5})
 
 
 def test_cutmix_box_and_lam_follow_the_pasted_area() -> None:
@@ -219,17 +206,6 @@ def test_input_cutmix_matches_the_hand_computation() -> None:
         torch.testing.assert_close(r["y"], d.lam * eye[y_b] + (1 - d.lam) * eye[y_b[d.index]])
         boxes += box[1] > box[0] and box[3] > box[2]
     assert boxes > 0
-
-
-def test_cutmix_on_a_flat_layer_is_refused() -> None:
-    cb = ManifoldMixupCallback(layers=["net.1"], cutmix_prob=1.0, seed=0)
-    with pytest.raises(ValueError, match=r"CutMix at layer 'net\.1' needs a \(B, C, H, W\)"):
-        _fit(cb)
-
-
-def test_cutmix_needs_batch_lam() -> None:
-    with pytest.raises(MisconfigurationException, match="cutmix_prob > 0 needs lam_mode='batch'"):
-        ManifoldMixupCallback(cutmix_prob=0.5, lam_mode="sample")
 
 
 def test_mixed_accuracy_weights_both_labels_by_lam() -> None:
