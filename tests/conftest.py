@@ -77,6 +77,21 @@ class PlainModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Holder(nn.Module):
+    """Holds a network as ``net``, so its layers are named ``net.<name>``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class TimeMajor(nn.Module):
+    """Returns its (B, T, ...) input time-major, (T, B, ...), without declaring batch_first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+
 def make_loader(
     n: int = 64, in_features: int = 8, num_classes: int = 4, batch_size: int = 16, seed: int = 0
 ) -> DataLoader:

@@ -9,13 +9,32 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torchvision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import LateMLP, MLPClassifier, PlainModule, make_loader, quiet_trainer, tuple_collate
+from conftest import (
+    Holder,
+    LateMLP,
+    MLPClassifier,
+    PlainModule,
+    TimeMajor,
+    make_loader,
+    quiet_trainer,
+    tuple_collate,
+)
 from helpers import fake_trainer
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from lightning_manifold_mixup import (
+    ManifoldMixupCallback,
+    ManifoldMixupMixin,
+    mix_batch,
+    mix_targets,
+    mix_tensor,
+    mixup_loss,
+    resolve_layers,
+)
 
 # ------------------------------------------------------------------ the callback's arguments
 
@@ -452,3 +471,85 @@ def test_tuple_batches_without_the_mixin_get_a_clear_error() -> None:
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
     with pytest.raises(TypeError, match="cannot rewrite a tuple batch in place"):
         quiet_trainer(max_steps=2, callbacks=[cb]).fit(PlainModule(), loader)
+
+
+# ------------------------------------------------------------------------ the functions
+B, INDEX, LAM = 4, torch.tensor([2, 0, 3, 1]), torch.tensor(0.3)
+
+
+def test_unknown_name_suggests_close_matches_and_lists_available() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown layer 'net\.layr1'; did you mean 'net\.layer1'"
+    ) as err:
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), ["net.layr1"])
+    assert "Available: 'input', 'net', 'net.conv1'" in str(err.value)
+
+
+def test_pattern_that_matches_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"layer pattern 'net\.block\*' matches no submodule"):
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), ["net.block*"])
+
+
+def test_empty_layer_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="layers is empty"):
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), [])
+
+
+def test_model_without_candidates_needs_explicit_layers() -> None:
+    with pytest.raises(ValueError, match="could not select layers automatically"):
+        resolve_layers(Holder(nn.Linear(3, 2)), None)
+
+
+def test_unknown_criterion_is_refused() -> None:
+    logits, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    with pytest.raises(ValueError, match="unknown criterion 'mse'"):
+        mixup_loss(logits, y, criterion="mse")  # type: ignore[arg-type]
+
+
+def test_mixing_an_integer_tensor_is_refused() -> None:
+    with pytest.raises(TypeError, match="floating point"):
+        mix_tensor(torch.arange(4), torch.tensor(0.5), torch.arange(4))
+
+
+def test_integer_targets_without_num_classes_are_refused() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        mix_targets(torch.tensor([0, 1]), torch.tensor(0.5), torch.tensor([1, 0]))
+
+
+def test_a_packed_sequence_is_refused_with_the_layer_named() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(B, 6, 3), [6, 5, 3, 2], batch_first=True)
+    with pytest.raises(ValueError, match=r"layer 'net\.rnn' returned, at output\[0\], a Packed"):
+        mix_batch(lstm(packed), LAM, INDEX, B, where="layer 'net.rnn'", module=lstm)
+
+
+def test_an_unbatched_rnn_output_is_refused() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    with pytest.raises(ValueError, match=r"returned shape \(6, 5\) at output\[0\].*axis 0"):
+        mix_batch(lstm(torch.randn(6, 3)), LAM, INDEX, B, where="layer 'rnn'", module=lstm)
+
+
+def test_a_time_major_output_of_an_undeclared_module_is_ambiguous() -> None:
+    out = torch.randn(7, B, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'tm' \(TimeMajor\) declares no batch_first.*"
+        r"batch of 4 on axis 1 and not on axis 0",
+    ):
+        mix_batch(out, LAM, INDEX, B, where="layer 'tm'", module=TimeMajor())
+
+
+def test_an_integer_tensor_of_the_input_batch_is_refused_with_its_key() -> None:
+    batch = {"pixels": torch.randn(B, 3), "ids": torch.arange(B)}
+    with pytest.raises(ValueError, match=r"the input at input_key=0\['ids'\] is a torch\.int64"):
+        mix_batch(batch, LAM, INDEX, B, where="the input at input_key=0")
+
+
+def test_an_integer_tensor_in_a_layer_output_is_refused() -> None:
+    pool = nn.MaxPool1d(2, return_indices=True)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'pool' returned a torch\.int64 tensor .* at "
+        r"output\[1\]",
+    ):
+        mix_batch(pool(torch.randn(B, 2, 6)), LAM, INDEX, B, where="layer 'pool'", module=pool)
