@@ -147,3 +147,16 @@ class StepRecorder(DecisionRecorder):
             loss=outputs["loss"].detach(),
         )
         self.rows.append(self.row)
+
+
+class KeepsTargets:
+    """Listed before a LightningModule among a test module's bases: ``targets`` keeps
+    ``batch[1]`` as each training_step receives it (rewritten by the mixup callback)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.targets: list[Any] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.targets.append(batch[1])
+        return super().training_step(batch, batch_idx)  # type: ignore[misc]

@@ -20,7 +20,7 @@ from conftest import (
     quiet_trainer,
     tuple_collate,
 )
-from helpers import DecisionRecorder, draws, fake_trainer, mixup_of
+from helpers import DecisionRecorder, KeepsTargets, draws, fake_trainer, mixup_of
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 
@@ -173,19 +173,17 @@ def test_logging_can_be_switched_off() -> None:
     assert logger.values("train_loss_step") != []
 
 
+class TargetKeepingMLP(KeepsTargets, MLPClassifier):
+    """Keeps the targets training_step receives in ``targets``."""
+
+
 def test_tuple_batches_work_through_the_mixin() -> None:
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
     loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=tuple_collate)
-    targets: list[torch.Tensor] = []
-
-    class Spy(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            targets.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = TargetKeepingMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), loader)
-    assert [t.shape for t in targets] == [torch.Size([4, 4])] * 2
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, loader)
+    assert [t.shape for t in model.targets] == [torch.Size([4, 4])] * 2
 
 
 def test_dict_batches_use_input_and_target_keys() -> None:
@@ -205,16 +203,10 @@ def test_dict_batches_use_input_and_target_keys() -> None:
 def test_pair_targets_reach_training_step_as_mixed_target() -> None:
     from lightning_manifold_mixup import MixedTarget
 
-    seen: list[Any] = []
-
-    class Spy(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            seen.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = TargetKeepingMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0, targets="pair")
-    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), make_loader())
-    assert all(isinstance(t, MixedTarget) for t in seen)
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, make_loader())
+    assert all(isinstance(t, MixedTarget) for t in model.targets)
 
 
 class Shared(MLPClassifier):

@@ -25,7 +25,7 @@ from conftest import (
     quiet_trainer,
     tuple_collate,
 )
-from helpers import fake_trainer
+from helpers import KeepsTargets, fake_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -235,16 +235,13 @@ def test_num_classes_is_read_from_hparams() -> None:
             super().__init__()
             self.save_hyperparameters()
 
-    targets: list[torch.Tensor] = []
+    class Spy(KeepsTargets, WithHparams):
+        pass
 
-    class Spy(WithHparams):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            targets.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = Spy()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    quiet_trainer(max_steps=1, callbacks=[cb]).fit(Spy(), make_loader())
-    assert targets[0].shape == (16, 4)
+    quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
+    assert model.targets[0].shape == (16, 4)
 
 
 def test_labels_outside_the_class_range_are_refused() -> None:

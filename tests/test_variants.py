@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import MLPClassifier, RecordingLogger, make_loader, quiet_trainer
-from helpers import DecisionRecorder
+from helpers import DecisionRecorder, KeepsTargets
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -64,17 +64,14 @@ def test_max_lam_transform_keeps_the_first_sample_dominant() -> None:
 
 
 def test_fixed_lam_is_used_for_every_batch_and_in_the_targets() -> None:
-    targets: list[torch.Tensor] = []
+    class Spy(KeepsTargets, MLPClassifier):
+        pass
 
-    class Spy(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            targets.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = Spy()
     cb = ManifoldMixupCallback(layers=["net.1"], fixed_lam=0.7, seed=0)
-    decisions = _fit(cb, Spy())
+    decisions = _fit(cb, model)
     assert all(float(d.lam) == pytest.approx(0.7) for d in decisions)
-    for t in targets:
+    for t in model.targets:
         assert sorted(set(np.round(t.max(1).values.numpy(), 4))) <= [0.7, 1.0]
 
 
