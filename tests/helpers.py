@@ -96,6 +96,20 @@ class DecisionRecorder(L.Callback):
         self.decisions.append(self._batch)
 
 
+class RunRecorder(DecisionRecorder):
+    """A ``DecisionRecorder`` that also keeps, per batch, how many times the chosen layer's
+    hook mixed during the forward (``runs``; 0 for input mixup). The count is the callback's
+    private state: this is the one place the tests read it."""
+
+    def __init__(self, mixup: ManifoldMixupCallback | None = None) -> None:
+        super().__init__(mixup)
+        self.runs: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_batch_end(trainer)
+        self.runs.append((self.mixup or mixup_of(trainer))._calls)
+
+
 def copied_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import DecisionRecorder  # noqa: E402
+from helpers import RunRecorder  # noqa: E402
 from lightning_manifold_mixup import ManifoldMixupCallback  # noqa: E402
 from lightning_manifold_mixup.classifier import MixupClassifier  # noqa: E402
 from lightning_manifold_mixup.models import MLP, PreActResNet18  # noqa: E402
@@ -49,7 +49,7 @@ def loader(n: int = 64) -> DataLoader:
     return DataLoader(ds, batch_size=16)
 
 
-class Seen(DecisionRecorder):
+class Seen(RunRecorder):
     """Per step: the mixed layer, how often its hook mixed, and the loss."""
 
     def __init__(self, mixup: ManifoldMixupCallback) -> None:
@@ -58,8 +58,8 @@ class Seen(DecisionRecorder):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
         super().on_train_batch_end(trainer)
-        assert self.last_decision is not None and self.mixup is not None
-        self.rows.append((self.last_decision.layer, self.mixup._calls, outputs["loss"].detach()))
+        assert self.last_decision is not None
+        self.rows.append((self.last_decision.layer, self.runs[-1], outputs["loss"].detach()))
 
 
 def fit_and_record(
