@@ -1,10 +1,15 @@
-"""What the tests (and the benchmarks) share to watch the callback: a decision recorder, the
-``draws`` of a run, and a stand-in Trainer for driving the callback's hooks by hand.
+"""What the tests (and the benchmarks) share to watch the callback.
 
-``DecisionRecorder`` keeps every training batch's decision wherever it stands in the callback
-list: the mixup callback clears ``current`` when the batch ends, so the recorder reads it at
-every hook where it is set (batch start, before backward, batch end) and keeps the last one.
-The benchmarks import this module by putting ``tests/`` on ``sys.path``.
+- ``DecisionRecorder``: every training batch's ``MixDecision`` (``decisions``, ``last_decision``,
+  ``draws``), wherever it stands in the callback list. The mixup callback clears ``current``
+  when the batch ends, so the recorder reads it at every hook where it is set (batch start,
+  before backward, batch end) and keeps the last one. ``RunRecorder`` adds each batch's hook-run
+  count, ``StepRecorder`` a row per batch with the raw batch, weights, target and loss.
+- ``draw`` / ``draws``: ``(layer, lam, index)`` of decisions or saved rows, comparable with ``==``.
+- ``KeepsTargets``: a module mixin keeping the targets training_step receives.
+- ``fake_trainer``: the stand-in Trainer for driving the hooks by hand; the benchmarks'
+  ``ManualDriver`` uses it too (they import this module by putting ``tests/`` on ``sys.path``).
+- ``mixup_of``: the trainer's mixup callback.
 """
 
 from __future__ import annotations
