@@ -6,16 +6,19 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import torch
 
 from lightning_manifold_mixup import ManifoldMixupCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import fake_trainer  # the tests' stand-in Trainer
 
 
 def machine() -> dict[str, Any]:
@@ -89,17 +92,8 @@ class ManualDriver:
         self, callback: ManifoldMixupCallback, module: L.LightningModule, **trainer_fields: Any
     ) -> None:
         self.cb, self.module = callback, module
-        self.trainer = SimpleNamespace(
-            global_rank=0,
-            world_size=1,
-            strategy=None,
-            loggers=[],
-            global_step=0,
-            current_epoch=0,
-            estimated_stepping_batches=float("inf"),
-        )
         # A process of a distributed run sets global_rank and world_size here.
-        vars(self.trainer).update(trainer_fields)
+        self.trainer = fake_trainer(**trainer_fields)
         callback.on_fit_start(self.trainer, module)  # type: ignore[arg-type]
 
     def start(self, batch: list[Any]) -> None:

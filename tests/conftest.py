@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -36,6 +35,63 @@ class MLPClassifier(ManifoldMixupMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class LateMLP(ManifoldMixupMixin, L.LightningModule):
+    """Builds its network in configure_model, as Lightning recommends for sharded training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net: nn.Sequential | None = None
+        self.losses: list[torch.Tensor] = []
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(3)
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put for the check
+
+
+class PlainModule(L.LightningModule):
+    """A user's module without ManifoldMixupMixin: plain cross-entropy on class labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_classes = 4
+        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Holder(nn.Module):
+    """Holds a network as ``net``, so its layers are named ``net.<name>``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+
+class TimeMajor(nn.Module):
+    """Returns its (B, T, ...) input time-major, (T, B, ...), without declaring batch_first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1)
+
+
 def make_loader(
     n: int = 64, in_features: int = 8, num_classes: int = 4, batch_size: int = 16, seed: int = 0
 ) -> DataLoader:
@@ -43,6 +99,11 @@ def make_loader(
     x = torch.randn(n, in_features, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    xs, ys = zip(*samples, strict=True)
+    return torch.stack(xs), torch.stack(ys)
 
 
 def mlp_with(weights: dict[str, torch.Tensor]) -> MLPClassifier:
@@ -69,21 +130,6 @@ def hand_mlp_loss(model: MLPClassifier, row: dict[str, Any]) -> torch.Tensor:
     eye = torch.eye(model.num_classes)
     target = lam * eye[y] + (1 - lam) * eye[y[index]]
     return -(target * torch.log_softmax(h, -1)).sum(-1).mean()
-
-
-def fake_trainer(**fields: Any) -> Any:
-    """A stand-in for the Trainer with what the callback reads, for driving its hooks by hand:
-    one process, no logger, step 0, an unbounded run; ``fields`` override any of these."""
-    defaults: dict[str, Any] = {
-        "global_rank": 0,
-        "world_size": 1,
-        "strategy": None,
-        "loggers": [],
-        "global_step": 0,
-        "current_epoch": 0,
-        "estimated_stepping_batches": float("inf"),
-    }
-    return SimpleNamespace(**{**defaults, **fields})
 
 
 class RecordingLogger(Logger):

@@ -9,18 +9,19 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import (
+    LateMLP,
     MLPClassifier,
     RecordingLogger,
-    fake_trainer,
     hook_counts,
     make_loader,
     quiet_trainer,
+    tuple_collate,
 )
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from helpers import DecisionRecorder, KeepsTargets, draws, fake_trainer, mixup_of
+from lightning_manifold_mixup import ManifoldMixupCallback
 
 
 class Twin(MLPClassifier):
@@ -38,14 +39,12 @@ class Twin(MLPClassifier):
         out = self(x)
         with torch.no_grad():
             torch.testing.assert_close(out, twin(x), rtol=0, atol=0)
-        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
-        assert cb.current is None
+        assert mixup_of(self.trainer).current is None
         self.checked[kind] += 1
         return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        cb = next(c for c in self.trainer.callbacks if isinstance(c, ManifoldMixupCallback))  # type: ignore[attr-defined]
-        self.train_mixed += cb.current is not None
+        self.train_mixed += mixup_of(self.trainer).current is not None
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -135,17 +134,11 @@ def test_current_is_none_outside_training_batches() -> None:
 
 def test_lam_and_layer_are_logged_to_the_loggers_on_logging_steps() -> None:
     cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=0)
-    decisions: list[Any] = []
-
-    class Before(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = RecordingLogger()
-    trainer = quiet_trainer(
-        max_steps=4, callbacks=[Before(), cb], logger=logger, log_every_n_steps=2
-    )
+    trainer = quiet_trainer(max_steps=4, callbacks=[cb, rec], logger=logger, log_every_n_steps=2)
     trainer.fit(MLPClassifier(), make_loader())
+    decisions: list[Any] = rec.decisions
     # Logging steps 2 and 4 (Lightning's 0-based steps 1 and 3), the decision of that step
     assert logger.values("mixup/lam") == pytest.approx([float(decisions[i].lam) for i in (1, 3)])
     assert logger.values("mixup/layer") == [decisions[i].layer_index for i in (1, 3)]
@@ -155,22 +148,17 @@ def test_lam_and_layer_are_logged_to_the_loggers_on_logging_steps() -> None:
 
 def test_accumulated_micro_batches_log_their_mean_lam() -> None:
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
-    decisions: list[Any] = []
-
-    class Before(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = RecordingLogger()
     trainer = quiet_trainer(
         max_steps=2,
-        callbacks=[Before(), cb],
+        callbacks=[cb, rec],
         logger=logger,
         log_every_n_steps=1,
         accumulate_grad_batches=2,
     )
     trainer.fit(MLPClassifier(), make_loader())
-    lams = [float(d.lam) for d in decisions]
+    lams = [float(d.lam) for d in rec.decisions]  # type: ignore[union-attr]
     assert len(lams) == 4
     expected = [(lams[0] + lams[1]) / 2, (lams[2] + lams[3]) / 2]
     assert logger.values("mixup/lam") == pytest.approx(expected)
@@ -185,45 +173,17 @@ def test_logging_can_be_switched_off() -> None:
     assert logger.values("train_loss_step") != []
 
 
-def _tuple_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    xs, ys = zip(*samples, strict=True)
-    return torch.stack(xs), torch.stack(ys)
+class TargetKeepingMLP(KeepsTargets, MLPClassifier):
+    """Keeps the targets training_step receives in ``targets``."""
 
 
 def test_tuple_batches_work_through_the_mixin() -> None:
     x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
-    targets: list[torch.Tensor] = []
-
-    class Spy(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            targets.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=tuple_collate)
+    model = TargetKeepingMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), loader)
-    assert [t.shape for t in targets] == [torch.Size([4, 4])] * 2
-
-
-class PlainModule(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_classes = 4
-        self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def test_tuple_batches_without_the_mixin_get_a_clear_error() -> None:
-    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=_tuple_collate)
-    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    with pytest.raises(TypeError, match="cannot rewrite a tuple batch in place"):
-        quiet_trainer(max_steps=2, callbacks=[cb]).fit(PlainModule(), loader)
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, loader)
+    assert [t.shape for t in model.targets] == [torch.Size([4, 4])] * 2
 
 
 def test_dict_batches_use_input_and_target_keys() -> None:
@@ -243,16 +203,10 @@ def test_dict_batches_use_input_and_target_keys() -> None:
 def test_pair_targets_reach_training_step_as_mixed_target() -> None:
     from lightning_manifold_mixup import MixedTarget
 
-    seen: list[Any] = []
-
-    class Spy(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            seen.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = TargetKeepingMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0, targets="pair")
-    quiet_trainer(max_steps=2, callbacks=[cb]).fit(Spy(), make_loader())
-    assert all(isinstance(t, MixedTarget) for t in seen)
+    quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, make_loader())
+    assert all(isinstance(t, MixedTarget) for t in model.targets)
 
 
 class Shared(MLPClassifier):
@@ -284,46 +238,15 @@ def test_automatic_layers_are_announced_at_fit_start(caplog: pytest.LogCaptureFi
 # ------------------------------------------------------- layers built late, skipped batches
 
 
-class LateMLP(ManifoldMixupMixin, L.LightningModule):
-    """Builds its network in configure_model, as Lightning recommends for sharded training."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.num_classes = 4
-        self.net: nn.Sequential | None = None
-        self.losses: list[torch.Tensor] = []
-
-    def configure_model(self) -> None:
-        if self.net is None:
-            torch.manual_seed(3)
-            self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        assert self.net is not None
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        self.losses.append(loss.detach())
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.0)  # weights stay put for the check
-
-
 def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
-    decisions: list[Any] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
     model = LateMLP()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=2)
+    rec = DecisionRecorder()
     loader = make_loader(n=8, batch_size=8)
-    quiet_trainer(max_steps=1, callbacks=[cb, Spy()]).fit(model, loader)
+    quiet_trainer(max_steps=1, callbacks=[rec, cb]).fit(model, loader)
     assert cb.eligible == ["net.1"]
-    (d,) = decisions
+    (d,) = rec.decisions
+    assert d is not None
     x, y = next(iter(loader))
     assert model.net is not None
     h = model.net[1](model.net[0](x))
@@ -331,17 +254,6 @@ def test_layers_built_in_configure_model_are_found_and_mixed() -> None:
     target = d.lam * torch.eye(4)[y] + (1 - d.lam) * torch.eye(4)[y[d.index]]
     expected = -(target * torch.log_softmax(model.net[2](h), -1)).sum(-1).mean()
     torch.testing.assert_close(model.losses[0], expected)
-
-
-def test_an_unknown_layer_of_a_late_built_model_fails_before_the_sanity_check() -> None:
-    class Validating(LateMLP):
-        def validation_step(self, batch: Any, batch_idx: int) -> None:
-            raise AssertionError("the sanity check ran")
-
-    cb = ManifoldMixupCallback(layers=["net.7"], seed=0)
-    trainer = quiet_trainer(max_steps=1, callbacks=[cb], num_sanity_val_steps=2)
-    with pytest.raises(ValueError, match=r"unknown layer 'net\.7'"):
-        trainer.fit(Validating(), make_loader(), make_loader())
 
 
 def test_a_batch_skipped_by_returning_none_does_not_stop_the_fit() -> None:
@@ -381,17 +293,11 @@ def test_a_batch_that_stops_the_epoch_leaves_no_decision_behind() -> None:
 
 
 def _draws_of_fit(cb: ManifoldMixupCallback, seed: int, **fit_kwargs: Any) -> list[Any]:
-    draws: list[Any] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_start(self, *args: Any) -> None:
-            d = cb.current
-            draws.append((d.layer, float(d.lam), d.index.tolist()))
-
+    rec = DecisionRecorder()
     L.seed_everything(seed, verbose=False)
-    trainer = quiet_trainer(max_steps=3, callbacks=[cb, Spy()], **fit_kwargs)
+    trainer = quiet_trainer(max_steps=3, callbacks=[cb, rec], **fit_kwargs)
     trainer.fit(MLPClassifier(), make_loader())
-    return draws
+    return rec.draws
 
 
 def test_a_reused_callback_starts_each_new_run_like_a_new_callback() -> None:
@@ -449,23 +355,17 @@ def test_lr_find_before_fit_leaves_the_fit_as_without_it() -> None:
 
     def fit_draws(tune: bool) -> tuple[list[Any], list[Any]]:
         cb = ManifoldMixupCallback(layers=["input", "net.1", "net.3"], seed=3)
-        seen: list[Any] = []
-
-        class Spy(L.Callback):
-            def on_train_batch_start(self, *args: Any) -> None:
-                d = cb.current
-                seen.append((d.layer, float(d.lam), d.index.tolist()))
-
+        rec = DecisionRecorder()
         model = Tunable()
         before = hook_counts(model)
-        trainer = quiet_trainer(max_steps=4, callbacks=[cb, Spy()])
+        trainer = quiet_trainer(max_steps=4, callbacks=[cb, rec])
         if tune:
             Tuner(trainer).lr_find(model, make_loader(n=256), num_training=10)
-        during_tuning = list(seen)
-        seen.clear()
+        during_tuning = draws(rec.decisions)
+        rec.decisions.clear()
         trainer.fit(model, make_loader(n=256))
         assert {k: v for k, v in hook_counts(model).items() if k in before} == before
-        return during_tuning, seen
+        return during_tuning, rec.draws
 
     _, plain = fit_draws(tune=False)
     tuning, after_tuning = fit_draws(tune=True)

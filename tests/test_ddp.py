@@ -11,39 +11,22 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import MLPClassifier, hand_mlp_loss, make_loader, mlp_with, quiet_trainer
+from helpers import StepRecorder, draws, mixup_of
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.losses import soft_cross_entropy
 
 LAYERS = ["input", "net.1", "net.3"]
 
 
-class RankRecorder(L.Callback):
+class RankRecorder(StepRecorder):
     """Saves, per rank and step, the raw local batch, the weights, the decision and the loss."""
 
     def __init__(self, out: Path, tag: str) -> None:
+        super().__init__()
         self.out, self.tag = out, tag
-        self.rows: list[dict[str, Any]] = []
-        self._pending: dict[str, Any] = {}
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, i: int) -> None:
-        self._pending = {
-            "x": batch[0].clone(),
-            "y": batch[1].clone(),
-            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-        }
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
-        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
-        d = mixup.current
-        assert d is not None
-        self._pending.update(
-            layer=d.layer, lam=d.lam.clone(), index=d.index.clone(), loss=outputs["loss"].detach()
-        )
-        self.rows.append(self._pending)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
-        assert mixup.current is None
+        assert mixup_of(trainer).current is None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         torch.save(self.rows, self.out / f"{self.tag}_rank{trainer.global_rank}.pt")
@@ -81,10 +64,6 @@ def _load(out: Path, tag: str) -> list[list[dict[str, Any]]]:
     return [torch.load(out / f"{tag}_rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-def _draws(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[int]]]:
-    return [(r["layer"], float(r["lam"]), r["index"].tolist()) for r in rows]
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
@@ -98,7 +77,7 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_each_rank_mixes_its_own_shard_with_its_own_stream(ddp_runs: Path) -> None:
     rank0, rank1 = _load(ddp_runs, "full")
     assert len(rank0) == len(rank1) == 6
-    assert _draws(rank0) != _draws(rank1)
+    assert draws(rank0) != draws(rank1)
     for a, b in zip(rank0, rank1, strict=True):
         assert not torch.equal(a["x"], b["x"])  # different shards
         assert a["index"].shape == (4,)  # the permutation covers the local batch only
@@ -113,5 +92,5 @@ def test_each_ranks_loss_matches_a_single_process_hand_computation(ddp_runs: Pat
 def test_ddp_resume_continues_every_ranks_stream(ddp_runs: Path) -> None:
     full, first, rest = (_load(ddp_runs, tag) for tag in ("full", "first", "rest"))
     for rank in range(2):
-        assert _draws(first[rank]) == _draws(full[rank])[:3]
-        assert _draws(rest[rank]) == _draws(full[rank])[3:]
+        assert draws(first[rank]) == draws(full[rank])[:3]
+        assert draws(rest[rank]) == draws(full[rank])[3:]

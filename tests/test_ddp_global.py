@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from conftest import MLPClassifier, fake_trainer, make_loader, quiet_trainer
+from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import DecisionRecorder, Draw, StepRecorder, fake_trainer, mixup_of
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     MixedTarget,
@@ -31,14 +30,13 @@ NEXT = {"input": "net.0", "net.1": "net.2", "net.3": "net.4"}
 B, WORLD, STEPS, SEED, LR = 3, 2, 6, 5, 0.1
 
 
-class GlobalRecorder(L.Callback):
+class GlobalRecorder(StepRecorder):
     """Saves, per rank and step, the raw batch, the weights, the decision, the mixed target,
     the input of every layer that follows a mixing point, and the loss."""
 
     def __init__(self, out: Path) -> None:
+        super().__init__()
         self.out = out
-        self.rows: list[dict[str, Any]] = []
-        self._pending: dict[str, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         modules = dict(pl_module.named_modules())
@@ -48,34 +46,18 @@ class GlobalRecorder(L.Callback):
     def _pre_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if module.training:
-                self._pending["seen"][name] = args[0].detach().clone()
+                self.row["seen"][name] = args[0].detach().clone()
 
         return hook
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, i: int) -> None:
-        self._pending = {
-            "x": batch[0].clone(),
-            "y": batch[1].clone(),
-            "weights": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
-            "seen": {},
-        }
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
-        batch = a[0]
-        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
-        d = mixup.current
-        assert d is not None
-        self._pending.update(
-            layer=d.layer,
-            lam=d.lam.clone(),
-            index=d.index.clone(),
-            target=batch[1].clone(),
-            loss=outputs["loss"].detach(),
-        )
-        self.rows.append(self._pending)
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.row["seen"] = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
+        mixup = mixup_of(trainer)
         final = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         record = {"rows": self.rows, "final": final, "hparams": mixup.hparams()}
         torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
@@ -302,21 +284,10 @@ def test_unequal_batch_sizes_raise_on_every_rank(hooks_run: list[dict[str, Any]]
         assert "[3, 4]" in r["error"] and "drop_last=True" in r["error"]
 
 
-class DrawRecorder(L.Callback):
-    def __init__(self) -> None:
-        self.draws: list[tuple[str, float, list[int]]] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *a: Any) -> None:
-        mixup = next(c for c in trainer.callbacks if isinstance(c, ManifoldMixupCallback))
-        d = mixup.current
-        assert d is not None
-        self.draws.append((d.layer, float(d.lam), d.index.tolist()))
-
-
-def _single_process_draws(pairing: Any) -> list[tuple[str, float, list[int]]]:
-    recorder = DrawRecorder()
+def _single_process_draws(pairing: Any) -> list[Draw]:
+    recorder = DecisionRecorder()
     mixup = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing=pairing, log=False)
-    trainer = quiet_trainer(max_steps=4, callbacks=[recorder, mixup])
+    trainer = quiet_trainer(max_steps=4, callbacks=[mixup, recorder])
     trainer.fit(MLPClassifier(), make_loader(n=32, batch_size=4))
     return recorder.draws
 
@@ -326,18 +297,6 @@ def test_global_pairing_in_one_process_warns_and_draws_as_local() -> None:
     with pytest.warns(UserWarning, match="pairing='global' has no effect"):
         global_ = _single_process_draws("global")
     assert global_ == local and len(local) == 4
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"pairing": "world"}, r"pairing must be 'local' or 'global', got 'world'"),
-        ({"pairing": "global", "cutmix_prob": 0.5}, r"pairing='global' does not support CutMix"),
-    ],
-)
-def test_constructor_rejects_bad_pairing(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(MisconfigurationException, match=message):
-        ManifoldMixupCallback(**kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -363,15 +322,3 @@ def test_targets_with_partner_equal_targets_with_index() -> None:
     torch.testing.assert_close(
         mix_targets_with_partner(y_float, y_float[index], lam), mix_targets(y_float, lam, index)
     )
-
-
-def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
-    """Four processes as 2 data-parallel replicas x 2 tensor-parallel shards (2D parallelism):
-    the gather would collect each replica's batch twice. (With one replica, global pairing is
-    local pairing and only warns.)"""
-    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
-    trainer = fake_trainer(world_size=4, global_rank=1, strategy=strategy)
-    cb = ManifoldMixupCallback(layers=LAYERS, seed=SEED, pairing="global", log=False)
-    with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel"):
-        cb.on_fit_start(trainer, MLPClassifier())
-    assert cb._hooks.handles == []  # refused before any hook is registered

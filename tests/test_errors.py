@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import torchvision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import MLPClassifier, make_loader, quiet_trainer
-from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
+from conftest import (
+    Holder,
+    LateMLP,
+    MLPClassifier,
+    PlainModule,
+    TimeMajor,
+    make_loader,
+    quiet_trainer,
+    tuple_collate,
+)
+from helpers import KeepsTargets, fake_trainer
+from lightning_manifold_mixup import (
+    ManifoldMixupCallback,
+    ManifoldMixupMixin,
+    mix_batch,
+    mix_targets,
+    mix_tensor,
+    mixup_loss,
+    resolve_layers,
+)
+
+# ------------------------------------------------------------------ the callback's arguments
 
 
 @pytest.mark.parametrize(
@@ -89,6 +112,60 @@ def test_constructor_reports_every_problem_at_once() -> None:
     assert "alpha" in text and "probability" in text and "lam_mode" in text
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pairing": "world"}, r"pairing must be 'local' or 'global', got 'world'"),
+        ({"pairing": "global", "cutmix_prob": 0.5}, r"pairing='global' does not support CutMix"),
+    ],
+)
+def test_constructor_rejects_bad_pairing(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(MisconfigurationException, match=message):
+        ManifoldMixupCallback(**kwargs)
+
+
+def test_cutmix_needs_batch_lam() -> None:
+    with pytest.raises(MisconfigurationException, match="cutmix_prob > 0 needs lam_mode='batch'"):
+        ManifoldMixupCallback(cutmix_prob=0.5, lam_mode="sample")
+
+
+def test_layer_weights_must_match_the_eligible_set() -> None:
+    cb = ManifoldMixupCallback(layers=["net.*"], layer_weights=[1, 1], seed=0)
+    with pytest.raises(MisconfigurationException, match=r"layer_weights has 2 entries .* has 5"):
+        quiet_trainer(max_epochs=1, callbacks=[cb]).fit(MLPClassifier(), make_loader(n=128))
+
+
+def test_schedules_need_a_finite_run() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], alpha_schedule="linear", seed=0)
+    with pytest.raises(MisconfigurationException, match="needs a finite run length"):
+        quiet_trainer(max_epochs=-1, max_steps=-1, max_time={"seconds": 5}, callbacks=[cb]).fit(
+            MLPClassifier(), make_loader(n=128)
+        )
+
+
+def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
+    """Four processes as 2 data-parallel replicas x 2 tensor-parallel shards (2D parallelism):
+    the gather would collect each replica's batch twice. (With one replica, global pairing is
+    local pairing and only warns.)"""
+    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    trainer = fake_trainer(world_size=4, global_rank=1, strategy=strategy)
+    cb = ManifoldMixupCallback(
+        layers=["input", "net.1", "net.3"], seed=5, pairing="global", log=False
+    )
+    with pytest.raises(MisconfigurationException, match="4 processes hold 2 data-parallel"):
+        cb.on_fit_start(trainer, MLPClassifier())
+    assert cb._hooks.handles == []  # refused before any hook is registered
+
+
+def test_unreadable_callback_state_is_refused_with_the_way_out() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint state .*expected version 1"):
+        cb.load_state_dict({"version": 99, "seed": 1, "step": 2})
+
+
+# ----------------------------------------------------------------------------- the layers
+
+
 class Counting(MLPClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -120,6 +197,20 @@ def test_bad_layer_names_fail_before_any_training(layers: list[str], message: st
     assert model.steps == 0
 
 
+def test_an_unknown_layer_of_a_late_built_model_fails_before_the_sanity_check() -> None:
+    class Validating(LateMLP):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            raise AssertionError("the sanity check ran")
+
+    cb = ManifoldMixupCallback(layers=["net.7"], seed=0)
+    trainer = quiet_trainer(max_steps=1, callbacks=[cb], num_sanity_val_steps=2)
+    with pytest.raises(ValueError, match=r"unknown layer 'net\.7'"):
+        trainer.fit(Validating(), make_loader(), make_loader())
+
+
+# ---------------------------------------------------------------------------- the targets
+
+
 class NoClasses(ManifoldMixupMixin, L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -144,22 +235,31 @@ def test_num_classes_is_read_from_hparams() -> None:
             super().__init__()
             self.save_hyperparameters()
 
-    targets: list[torch.Tensor] = []
+    class Spy(KeepsTargets, WithHparams):
+        pass
 
-    class Spy(WithHparams):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            targets.append(batch[1])
-            return super().training_step(batch, batch_idx)
-
+    model = Spy()
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    quiet_trainer(max_steps=1, callbacks=[cb]).fit(Spy(), make_loader())
-    assert targets[0].shape == (16, 4)
+    quiet_trainer(max_steps=1, callbacks=[cb]).fit(model, make_loader())
+    assert model.targets[0].shape == (16, 4)
 
 
 def test_labels_outside_the_class_range_are_refused() -> None:
     cb = ManifoldMixupCallback(layers=["net.1"], num_classes=3, seed=0)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+
+
+def test_later_out_of_range_labels_on_the_cpu_get_the_label_message() -> None:
+    y = torch.randint(0, 4, (16,))
+    y[13] = 7  # in the fourth batch, after the one-time check of the first
+    loader = DataLoader(TensorDataset(torch.randn(16, 8), y), batch_size=4)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\), got values in \[\d, 7\]"):
+        quiet_trainer(max_epochs=1, callbacks=[cb]).fit(MLPClassifier(), loader)
+
+
+# ---------------------------------------------------------------------------- the batches
 
 
 def test_missing_target_names_the_key_and_the_batch_layout() -> None:
@@ -189,6 +289,9 @@ def test_input_and_target_batch_sizes_must_agree() -> None:
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(
             MLPClassifier(), DataLoader(ds, batch_size=4, collate_fn=short_targets)
         )
+
+
+# ------------------------------------------------------- what the layers and the input hold
 
 
 class Binarize(nn.Module):
@@ -235,6 +338,12 @@ def test_a_layer_whose_output_does_not_hold_the_batch_is_refused() -> None:
         r"floating tensor with batch dimension 16",
     ):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(MeanLayer(), make_loader())
+
+
+def test_cutmix_on_a_flat_layer_is_refused() -> None:
+    cb = ManifoldMixupCallback(layers=["net.1"], cutmix_prob=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"CutMix at layer 'net\.1' needs a \(B, C, H, W\)"):
+        quiet_trainer(max_epochs=1, callbacks=[cb]).fit(MLPClassifier(), make_loader(n=128))
 
 
 class Unused(MLPClassifier):
@@ -298,6 +407,9 @@ def test_integer_multi_column_targets_are_refused() -> None:
         )
 
 
+# ------------------------------------------------------------- the trainer and the batch type
+
+
 def test_two_mixup_callbacks_in_one_trainer_are_refused() -> None:
     callbacks = [ManifoldMixupCallback(layers=["net.1"]), ManifoldMixupCallback(layers=["net.3"])]
     # Lightning refuses this when the Trainer is built, before any data is touched.
@@ -308,8 +420,6 @@ def test_two_mixup_callbacks_in_one_trainer_are_refused() -> None:
 
 
 def test_a_module_without_the_mixin_is_warned_about_mixed_targets() -> None:
-    from test_callback_lifecycle import PlainModule
-
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
     with pytest.warns(UserWarning, match=r"PlainModule does not use ManifoldMixupMixin"):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(PlainModule(), make_loader())
@@ -350,3 +460,93 @@ def test_namedtuple_batches_get_a_clear_error() -> None:
     trainer = quiet_trainer(max_steps=1, callbacks=[cb])
     with pytest.raises(TypeError, match=r"cannot rewrite a namedtuple batch \(Pair\)"):
         trainer.fit(MLPClassifier(), DataLoader(ds, batch_size=4, collate_fn=collate))
+
+
+def test_tuple_batches_without_the_mixin_get_a_clear_error() -> None:
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, collate_fn=tuple_collate)
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    with pytest.raises(TypeError, match="cannot rewrite a tuple batch in place"):
+        quiet_trainer(max_steps=2, callbacks=[cb]).fit(PlainModule(), loader)
+
+
+# ------------------------------------------------------------------------ the functions
+B, INDEX, LAM = 4, torch.tensor([2, 0, 3, 1]), torch.tensor(0.3)
+
+
+def test_unknown_name_suggests_close_matches_and_lists_available() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown layer 'net\.layr1'; did you mean 'net\.layer1'"
+    ) as err:
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), ["net.layr1"])
+    assert "Available: 'input', 'net', 'net.conv1'" in str(err.value)
+
+
+def test_pattern_that_matches_nothing_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"layer pattern 'net\.block\*' matches no submodule"):
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), ["net.block*"])
+
+
+def test_empty_layer_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="layers is empty"):
+        resolve_layers(Holder(torchvision.models.resnet18(num_classes=10)), [])
+
+
+def test_model_without_candidates_needs_explicit_layers() -> None:
+    with pytest.raises(ValueError, match="could not select layers automatically"):
+        resolve_layers(Holder(nn.Linear(3, 2)), None)
+
+
+def test_unknown_criterion_is_refused() -> None:
+    logits, y = torch.randn(6, 5), torch.randint(0, 5, (6,))
+    with pytest.raises(ValueError, match="unknown criterion 'mse'"):
+        mixup_loss(logits, y, criterion="mse")  # type: ignore[arg-type]
+
+
+def test_mixing_an_integer_tensor_is_refused() -> None:
+    with pytest.raises(TypeError, match="floating point"):
+        mix_tensor(torch.arange(4), torch.tensor(0.5), torch.arange(4))
+
+
+def test_integer_targets_without_num_classes_are_refused() -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        mix_targets(torch.tensor([0, 1]), torch.tensor(0.5), torch.tensor([1, 0]))
+
+
+def test_a_packed_sequence_is_refused_with_the_layer_named() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(B, 6, 3), [6, 5, 3, 2], batch_first=True)
+    with pytest.raises(ValueError, match=r"layer 'net\.rnn' returned, at output\[0\], a Packed"):
+        mix_batch(lstm(packed), LAM, INDEX, B, where="layer 'net.rnn'", module=lstm)
+
+
+def test_an_unbatched_rnn_output_is_refused() -> None:
+    lstm = nn.LSTM(3, 5, batch_first=True)
+    with pytest.raises(ValueError, match=r"returned shape \(6, 5\) at output\[0\].*axis 0"):
+        mix_batch(lstm(torch.randn(6, 3)), LAM, INDEX, B, where="layer 'rnn'", module=lstm)
+
+
+def test_a_time_major_output_of_an_undeclared_module_is_ambiguous() -> None:
+    out = torch.randn(7, B, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'tm' \(TimeMajor\) declares no batch_first.*"
+        r"batch of 4 on axis 1 and not on axis 0",
+    ):
+        mix_batch(out, LAM, INDEX, B, where="layer 'tm'", module=TimeMajor())
+
+
+def test_an_integer_tensor_of_the_input_batch_is_refused_with_its_key() -> None:
+    batch = {"pixels": torch.randn(B, 3), "ids": torch.arange(B)}
+    with pytest.raises(ValueError, match=r"the input at input_key=0\['ids'\] is a torch\.int64"):
+        mix_batch(batch, LAM, INDEX, B, where="the input at input_key=0")
+
+
+def test_an_integer_tensor_in_a_layer_output_is_refused() -> None:
+    pool = nn.MaxPool1d(2, return_indices=True)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'pool' returned a torch\.int64 tensor .* at "
+        r"output\[1\]",
+    ):
+        mix_batch(pool(torch.randn(B, 2, 6)), LAM, INDEX, B, where="layer 'pool'", module=pool)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import MLPClassifier, fake_trainer
+from conftest import MLPClassifier
+from helpers import fake_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
 
 

@@ -29,7 +29,7 @@ def _run(out: Path, *args: str, wait: bool = True) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _draws(out: Path, rank: int) -> list[dict[str, Any]]:
+def _rows(out: Path, rank: int) -> list[dict[str, Any]]:
     path = out / f"draws.rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -50,7 +50,7 @@ def _kill_after_checkpoint(out: Path, devices: int) -> Path:
     ckpt = out / "ckpt"
     deadline = time.time() + 240
     while time.time() < deadline:
-        done = (out / "draws.rank0.jsonl").exists() and len(_draws(out, 0)) >= 6
+        done = (out / "draws.rank0.jsonl").exists() and len(_rows(out, 0)) >= 6
         if done and list(ckpt.glob("*step=4.ckpt")):
             break
         if proc.poll() is not None:
@@ -60,7 +60,7 @@ def _kill_after_checkpoint(out: Path, devices: int) -> Path:
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(_draws(out, 0)) < 12  # it really was cut short
+    assert len(_rows(out, 0)) < 12  # it really was cut short
     return next(ckpt.glob("*step=4.ckpt"))
 
 
@@ -70,10 +70,10 @@ def _check(tmp_path: Path, devices: int) -> None:
     ckpt = _kill_after_checkpoint(killed, devices)
     _run(resumed, "--max-steps", "12", "--resume", str(ckpt), "--devices", str(devices))
     for rank in range(devices):
-        reference = _draws(full, rank)
+        reference = _rows(full, rank)
         assert len(reference) == 12
-        assert _draws(resumed, rank) == reference[4:]
-        assert _draws(killed, rank)[:4] == reference[:4]
+        assert _rows(resumed, rank) == reference[4:]
+        assert _rows(killed, rank)[:4] == reference[:4]
 
 
 def test_killed_single_process_run_resumes_the_exact_stream(tmp_path: Path) -> None:

@@ -11,14 +11,9 @@ import torchvision
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from conftest import Holder
 from lightning_manifold_mixup import candidate_layers, normalize_name, resolve_layers
 from lightning_manifold_mixup.layers import named_layers
-
-
-class Holder(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
 
 
 def resnet18() -> nn.Module:
@@ -84,29 +79,6 @@ def test_names_and_patterns_resolve_in_order_without_duplicates() -> None:
         "net.layer2",
         "net.layer1",
     ]
-
-
-def test_unknown_name_suggests_close_matches_and_lists_available() -> None:
-    with pytest.raises(
-        ValueError, match=r"unknown layer 'net\.layr1'; did you mean 'net\.layer1'"
-    ) as err:
-        resolve_layers(Holder(resnet18()), ["net.layr1"])
-    assert "Available: 'input', 'net', 'net.conv1'" in str(err.value)
-
-
-def test_pattern_that_matches_nothing_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"layer pattern 'net\.block\*' matches no submodule"):
-        resolve_layers(Holder(resnet18()), ["net.block*"])
-
-
-def test_empty_layer_list_is_refused() -> None:
-    with pytest.raises(ValueError, match="layers is empty"):
-        resolve_layers(Holder(resnet18()), [])
-
-
-def test_model_without_candidates_needs_explicit_layers() -> None:
-    with pytest.raises(ValueError, match="could not select layers automatically"):
-        resolve_layers(Holder(nn.Linear(3, 2)), None)
 
 
 # --------------------------------------------------------------------------- model zoos

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import hand_mlp_loss, mlp_with
+from helpers import draws
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "model_parallel_run.py"
 LR, STEPS = 0.1, 6
@@ -56,10 +57,6 @@ def tp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _draws(rows: list[dict[str, Any]]) -> list[tuple[str, float, list[int]]]:
-    return [(r["layer"], float(r["lam"]), r["index"].tolist()) for r in rows]
-
-
 def _check_against_hand_sgd(records: list[dict[str, Any]], replicas: list[int]) -> None:
     """Each process's loss, and each step's update: weights - lr * (mean over replicas of
     the hand gradients), all on the unsharded weights."""
@@ -96,7 +93,7 @@ def test_fsdp_names_resolve_through_fully_shard(fsdp: Path) -> None:
 
 def test_fsdp_each_replica_mixes_its_own_shard(fsdp: Path) -> None:
     rank0, rank1 = (record["rows"] for record in _load(fsdp, "full"))
-    assert _draws(rank0) != _draws(rank1)
+    assert draws(rank0) != draws(rank1)
     assert all(not torch.equal(a["x"], b["x"]) for a, b in zip(rank0, rank1, strict=True))
 
 
@@ -109,7 +106,7 @@ def test_fsdp_resume_from_a_distributed_checkpoint(fsdp: Path) -> None:
     for rank in range(2):
         resumed, uninterrupted = rest[rank]["rows"], full[rank]["rows"][3:]
         assert [r["step"] for r in resumed] == [4, 5, 6]
-        assert _draws(resumed) == _draws(uninterrupted)
+        assert draws(resumed) == draws(uninterrupted)
         for name, value in uninterrupted[0]["weights"].items():
             assert torch.equal(resumed[0]["weights"][name], value)
 
@@ -121,7 +118,7 @@ def test_tensor_parallel_processes_mix_their_shared_batch_the_same_way(tp: Path)
     rank0, rank1 = (record["rows"] for record in _load(tp, "full"))
     for a, b in zip(rank0, rank1, strict=True):
         assert torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"])
-    assert _draws(rank0) == _draws(rank1)
+    assert draws(rank0) == draws(rank1)
     # net.1 is the column-parallel half of the hidden units: each process mixes its shard.
     assert "net.1" in {row["layer"] for row in rank0}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
@@ -11,29 +10,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import DecisionRecorder, Draw
 from lightning_manifold_mixup import ManifoldMixupCallback
-
-Draw = tuple[str, float, tuple[int, ...]]
-
-
-class Recorder(L.Callback):
-    """Placed before the mixup callback, so it reads the decision before it is cleared."""
-
-    def __init__(self, mixup: ManifoldMixupCallback) -> None:
-        self.mixup = mixup
-        self.draws: list[Draw] = []
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        d = self.mixup.current
-        assert d is not None
-        self.draws.append((d.layer, float(d.lam), tuple(d.index.tolist())))
 
 
 def _run(
     cb: ManifoldMixupCallback, max_steps: int, tmp: Path | None = None, ckpt: str | None = None
 ) -> list[Draw]:
-    rec = Recorder(cb)
-    callbacks: list[L.Callback] = [rec, cb]
+    rec = DecisionRecorder()
+    callbacks: list[L.Callback] = [cb, rec]
     if tmp is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp, every_n_train_steps=max_steps, save_top_k=-1))
     trainer = quiet_trainer(

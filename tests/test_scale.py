@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import DecisionRecorder, RunRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 
@@ -77,22 +78,18 @@ def test_low_precision_keeps_hidden_dtype_float32_loss_and_matches_float32(
 def test_gradient_accumulation_mixes_every_micro_batch_and_logs_per_optimizer_step(
     tmp_path: Any,
 ) -> None:
-    decisions: list[Any] = []
     cb = ManifoldMixupCallback(layers=["input", "net.1"], seed=0)
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
+    rec = DecisionRecorder()
     logger = L.pytorch.loggers.CSVLogger(tmp_path)
     trainer = quiet_trainer(
         max_epochs=1,
         accumulate_grad_batches=2,
-        callbacks=[Spy(), cb],
+        callbacks=[cb, rec],
         logger=logger,
         log_every_n_steps=1,
     )
     trainer.fit(MLPClassifier(), make_loader(n=128))
+    decisions: list[Any] = rec.decisions
     assert len(decisions) == 8 and trainer.global_step == 4
     assert len({float(d.lam) for d in decisions}) == 8
     lines = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
@@ -150,18 +147,15 @@ def test_compiled_submodule_mixes_like_the_hand_computation_with_bounded_graphs(
 def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
     _fresh_dynamo()
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
-    mixed: list[bool] = []
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            mixed.append(cb.current is not None and cb._hooks.calls == 1)
+    rec = RunRecorder()
 
     class LossOnly(MLPClassifier):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.mixup_loss(self(batch[0]), batch[1])
 
     compiled = torch.compile(LossOnly(), backend="eager")
-    quiet_trainer(max_steps=32, callbacks=[Spy(), cb]).fit(compiled, make_loader(n=512))
+    quiet_trainer(max_steps=32, callbacks=[cb, rec]).fit(compiled, make_loader(n=512))
+    mixed = [d is not None and runs == 1 for d, runs in zip(rec.decisions, rec.runs, strict=True)]
     assert mixed == [True] * 32
     assert _unique_graphs() <= len(cb.eligible) + 1
 
@@ -215,13 +209,9 @@ class FakeShardWrapper(nn.Module):
 def test_names_resolve_through_a_sharding_wrapper_and_its_output_is_mixed() -> None:
     model = MLPClassifier()
     model.net = FakeShardWrapper(model.net)  # type: ignore[assignment]
-    seen: list[Any] = []
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
-
-    class Spy(L.Callback):
-        def on_train_batch_end(self, *args: Any) -> None:
-            seen.append((cb.current.layer, cb._hooks.calls))
-
-    quiet_trainer(max_steps=4, callbacks=[Spy(), cb]).fit(model, make_loader())
-    assert all(calls == 1 for _, calls in seen)
+    rec = RunRecorder()
+    quiet_trainer(max_steps=4, callbacks=[cb, rec]).fit(model, make_loader())
+    assert all(d is not None for d in rec.decisions)
+    assert all(calls == 1 for calls in rec.runs)
     assert cb.eligible == ["net.1", "net.3"]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from conftest import hook_counts, quiet_trainer
+from helpers import DecisionRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin, candidate_layers
 
 transformers = pytest.importorskip("transformers")
@@ -227,14 +228,10 @@ def test_an_encoder_layers_output_is_mixed_exactly() -> None:
         lambda m, args: seen.setdefault("next", args[0].detach())
     )
     cb = callback(layers=["model.bert.encoder.layer.0"])
-    decisions = []
-
-    class Record(L.Callback):
-        def on_before_backward(self, *args: Any) -> None:
-            decisions.append(cb.current)
-
-    quiet_trainer(max_steps=1, callbacks=[cb, Record()]).fit(model, loader())
-    (decision,) = decisions
+    rec = DecisionRecorder()
+    quiet_trainer(max_steps=1, callbacks=[cb, rec]).fit(model, loader())
+    (decision,) = rec.decisions
+    assert decision is not None
     h, lam, index = seen["h"], decision.lam, decision.index
     assert not torch.equal(index, torch.arange(8))
     torch.testing.assert_close(seen["next"], lam * h + (1 - lam) * h[index])
@@ -247,15 +244,10 @@ def test_an_encoder_layers_output_is_mixed_exactly() -> None:
 def test_mixed_rows_get_the_union_of_both_attention_masks() -> None:
     model = TextClassifier(tiny_bert())
     cb = callback()
-    indices = []
-
-    class Record(L.Callback):
-        def on_before_backward(self, *args: Any) -> None:
-            indices.append(cb.current.index)
-
-    quiet_trainer(max_steps=1, callbacks=[cb, Record()]).fit(model, loader())
+    rec = DecisionRecorder()
+    quiet_trainer(max_steps=1, callbacks=[cb, rec]).fit(model, loader())
     mask = torch.stack([r["attention_mask"] for r in text_rows()[:8]])
-    expected = mask | mask[indices[0]]
+    expected = mask | mask[rec.decisions[0].index]  # type: ignore[union-attr]
     assert not torch.equal(expected, mask)
     assert torch.equal(model.seen[0]["batch"]["attention_mask"], expected)
     assert model.seen[0]["batch"]["attention_mask"].dtype == mask.dtype
@@ -272,15 +264,10 @@ def test_a_mask_inside_the_input_dict_of_a_list_batch_gets_the_union_too() -> No
 
     model = TextClassifier(tiny_bert(), step=step)
     cb = callback(input_key=0, target_key=1)
-    indices = []
-
-    class Record(L.Callback):
-        def on_before_backward(self, *args: Any) -> None:
-            indices.append(cb.current.index)
-
-    quiet_trainer(max_steps=1, callbacks=[cb, Record()]).fit(model, DataLoader(pairs, 8))
+    rec = DecisionRecorder()
+    quiet_trainer(max_steps=1, callbacks=[cb, rec]).fit(model, DataLoader(pairs, 8))
     mask = torch.stack([r["attention_mask"] for r in rows[:8]])
-    assert torch.equal(model.seen_masks[0], mask | mask[indices[0]])
+    assert torch.equal(model.seen_masks[0], mask | mask[rec.last_decision.index])  # type: ignore[union-attr]
 
 
 def test_union_masks_with_a_pooled_layer_warn_once_and_not_with_own_masks() -> None:
@@ -317,15 +304,11 @@ def partner_token_reaches_row(mask_key: str | None) -> bool:
         tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), lr=0.0
     )
     cb = callback(layers=["model.bert.embeddings"], fixed_lam=0.5, attention_mask_key=mask_key)
-    indices = []
-
-    class Record(L.Callback):
-        def on_before_backward(self, *args: Any) -> None:
-            indices.append(cb.current.index.tolist())
+    rec = DecisionRecorder()
 
     def first_row_logits(token: int) -> torch.Tensor:
         rows[1]["input_ids"][LENGTH - 1] = token
-        quiet_trainer(max_steps=1, callbacks=[cb, Record()]).fit(model, loader(rows, 2))
+        quiet_trainer(max_steps=1, callbacks=[cb, rec]).fit(model, loader(rows, 2))
         logits: torch.Tensor = model.seen[-1]["logits"]
         return logits[0]
 
@@ -333,9 +316,9 @@ def partner_token_reaches_row(mask_key: str | None) -> bool:
     for seed in range(20):
         cb.seed = seed
         first_row_logits(7)
-        if indices[-1] == [1, 0]:
+        if rec.draws[-1][2] == (1, 0):
             break
-    assert indices[-1] == [1, 0]
+    assert rec.draws[-1][2] == (1, 0)
     return not torch.allclose(first_row_logits(7), first_row_logits(8))
 
 

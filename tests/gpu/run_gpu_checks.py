@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from helpers import RunRecorder  # noqa: E402
 from lightning_manifold_mixup import ManifoldMixupCallback  # noqa: E402
 from lightning_manifold_mixup.classifier import MixupClassifier  # noqa: E402
 from lightning_manifold_mixup.models import MLP, PreActResNet18  # noqa: E402
@@ -47,13 +49,17 @@ def loader(n: int = 64) -> DataLoader:
     return DataLoader(ds, batch_size=16)
 
 
-class Seen(L.Callback):
+class Seen(RunRecorder):
+    """Per step: the mixed layer, how often its hook mixed, and the loss."""
+
     def __init__(self, mixup: ManifoldMixupCallback) -> None:
-        self.mixup, self.rows = mixup, []
+        super().__init__(mixup)
+        self.rows: list[tuple[str, int, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
-        runs = self.mixup._hooks.calls
-        self.rows.append((self.mixup.current.layer, runs, outputs["loss"].detach()))
+        super().on_train_batch_end(trainer)
+        assert self.last_decision is not None
+        self.rows.append((self.last_decision.layer, self.runs[-1], outputs["loss"].detach()))
 
 
 def fit_and_record(
@@ -167,35 +173,12 @@ def main() -> None:
     check_deepspeed()
     if "--bench" in sys.argv:
         bench = ROOT / "benchmarks"
-        for args in (
-            [
-                "trainer_overhead.py",
-                "--device",
-                "cuda",
-                "--batch-size",
-                "128",
-                "--rounds",
-                "3",
-                "--steps",
-                "100",
-                "--warmup",
-                "20",
-            ],
-            [
-                "trainer_overhead.py",
-                "--device",
-                "cuda",
-                "--batch-size",
-                "512",
-                "--rounds",
-                "3",
-                "--steps",
-                "100",
-                "--warmup",
-                "20",
-            ],
-            ["loss.py", "--device", "cuda", "--rounds", "8"],
-        ):
+        timing = ["--rounds", "3", "--steps", "100", "--warmup", "20"]
+        runs = [
+            ["trainer_overhead.py", "--device", "cuda", "--batch-size", str(size), *timing]
+            for size in (128, 512)
+        ]
+        for args in [*runs, ["loss.py", "--device", "cuda", "--rounds", "8"]]:
             print("$ python benchmarks/" + " ".join(args), flush=True)
             subprocess.run([sys.executable, str(bench / args[0]), *args[1:]], check=True)
 

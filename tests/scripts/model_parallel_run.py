@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import MLPClassifier, make_loader, quiet_trainer
+from helpers import StepRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.losses import soft_cross_entropy
 
@@ -72,31 +73,13 @@ def full_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class Recorder(L.Callback):
+class Recorder(StepRecorder):
+    """Rows with the unsharded weights, saved per rank with what the checks read."""
+
     def __init__(self, out: Path, tag: str, mixup: ManifoldMixupCallback) -> None:
+        super().__init__(mixup, weights=full_weights)
         self.out, self.tag, self.mixup = out, tag, mixup
-        self.rows: list[dict[str, Any]] = []
-        self.pending: dict[str, Any] = {}
         self.mixed_in_validation = False
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, i: int) -> None:
-        self.pending = {
-            "x": batch[0].clone(),
-            "y": batch[1].clone(),
-            "weights": full_weights(pl_module),
-        }
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, *a: Any) -> None:
-        d = self.mixup.current
-        assert d is not None
-        self.pending.update(
-            step=trainer.global_step,
-            layer=d.layer,
-            lam=d.lam.clone(),
-            index=d.index.clone(),
-            loss=outputs["loss"].detach(),
-        )
-        self.rows.append(self.pending)
 
     def on_validation_batch_start(self, *args: Any) -> None:
         self.mixed_in_validation |= self.mixup.current is not None

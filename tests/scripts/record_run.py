@@ -21,22 +21,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import MLPClassifier, make_loader
+from helpers import DecisionRecorder, draw
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 
-class JsonlRecorder(L.Callback):
+class JsonlRecorder(DecisionRecorder):
     def __init__(self, out: Path, mixup: ManifoldMixupCallback, sleep: float) -> None:
-        self.out, self.mixup, self.sleep = out, mixup, sleep
+        super().__init__(mixup)
+        self.out, self.sleep = out, sleep
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        d = self.mixup.current
-        assert d is not None
-        row = {
-            "step": trainer.global_step,
-            "layer": d.layer,
-            "lam": float(d.lam),
-            "index": d.index.tolist(),
-        }
+        super().on_train_batch_end(trainer)
+        layer, lam, index = draw(self.last_decision)
+        row = {"step": trainer.global_step, "layer": layer, "lam": lam, "index": index}
         with open(self.out / f"draws.rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         time.sleep(self.sleep)
