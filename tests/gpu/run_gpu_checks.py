@@ -178,7 +178,24 @@ def main() -> None:
             ["trainer_overhead.py", "--device", "cuda", "--batch-size", str(size), *timing]
             for size in (128, 512)
         ]
-        for args in [*runs, ["loss.py", "--device", "cuda", "--rounds", "8"]]:
+        runs += [
+            [
+                "loss.py",
+                "--device",
+                "cuda",
+                "--rounds",
+                "8",
+                "--batch",
+                str(b),
+                "--classes",
+                "32000",
+            ]
+            for b in (256, 1024, 4096)
+        ]
+        runs.append(
+            ["compile_and_memory.py", "--device", "cuda", "--batch", "32", "--hidden", "64"]
+        )
+        for args in runs:
             print("$ python benchmarks/" + " ".join(args), flush=True)
             subprocess.run([sys.executable, str(bench / args[0]), *args[1:]], check=True)
 
