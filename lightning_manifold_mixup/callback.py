@@ -266,7 +266,8 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
             set_entry(batch, self.config.input_key, self._mix_input(x, decision, box), pl_module)
         set_entry(batch, self.config.target_key, target, pl_module)
         self._batch.target = target
-        self._batch.record = (decision.layer_index, float(draw.lam.mean()))
+        lam = draw.lam  # host numbers: counting and logging never read the device
+        self._batch.record = (decision.layer_index, float(lam if lam.ndim == 0 else lam.mean()))
         self.current = decision
 
     def on_before_backward(

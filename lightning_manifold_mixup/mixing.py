@@ -600,7 +600,7 @@ def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tens
         tensor([[0.2500, 0.0000, 0.7500],
                 [0.7500, 0.0000, 0.2500]])
     """
-    return one_hot_pair(y, y[index.to(y.device)], lam, num_classes)
+    return one_hot_pair(y, y.index_select(0, index.to(y.device)), lam, num_classes)
 
 
 def one_hot_pair(y_a: Tensor, y_b: Tensor, lam: Tensor, num_classes: int) -> Tensor:
@@ -636,7 +636,7 @@ def mix_targets(
     if y.is_floating_point():
         return mix_tensor(y, lam, index)
     return mix_targets_with_partner(
-        y, y[index.to(y.device)], lam, num_classes=num_classes, pair=pair
+        y, y.index_select(0, index.to(y.device)), lam, num_classes=num_classes, pair=pair
     )
 
 
