@@ -10,6 +10,8 @@ differ:
   plain+cb     plain_log + ``ManifoldMixupCallback`` with its defaults (``log=True``)
   mixin        ``MixupClassifier`` (the mixin's default ``training_step``), no callback
   mixin+cb     ``MixupClassifier`` + ``ManifoldMixupCallback`` (defaults)
+  inline       plain_log with manifold mixup written by hand in training_step (CPU preset,
+               the MLP): the cost of mixing itself, without the callback's machinery
 
 Each round runs one fit per variant (interleaved), times the steps after ``--warmup`` untimed
 ones and reports the median over rounds. Prints ms/step and the ratios to ``plain_log``;
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import CSVLogger
@@ -44,7 +47,7 @@ from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.classifier import MixupClassifier
 from lightning_manifold_mixup.models import MLP, PreActResNet18
 
-VARIANTS = ("plain", "plain_log", "plain+cb", "mixin", "mixin+cb")
+VARIANTS = ("plain", "plain_log", "plain+cb", "mixin", "mixin+cb", "inline")
 
 
 class Plain(L.LightningModule):
@@ -67,6 +70,31 @@ class Plain(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class Inline(Plain):
+    """Manifold mixup written by hand for the MLP preset: the same draws and mixing set
+    (input and the two hidden activations), soft targets, no callback."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, log_loss=True)
+        self.rng = np.random.default_rng(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        k, lam = int(self.rng.integers(3)), float(self.rng.beta(2.0, 2.0))
+        index = torch.from_numpy(self.rng.permutation(x.shape[0])).to(x.device)
+        h = x.flatten(1)
+        for i, layer in enumerate((None, *self.net.layers[1::2])):
+            if i > 0:
+                h = layer(self.net.layers[2 * i - 2](h))
+            if i == k:
+                h = lam * h + (1 - lam) * h[index]
+        eye = torch.eye(10, device=x.device)
+        target = lam * eye[y] + (1 - lam) * eye[y[index]]
+        loss = F.cross_entropy(self.net.head(h).float(), target)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
 
 
 class Batches(Dataset):
@@ -128,6 +156,8 @@ def preset(device: torch.device, batch_size: int) -> dict[str, Any]:
 
 
 def make_module(variant: str, net: nn.Module) -> L.LightningModule:
+    if variant == "inline":
+        return Inline(net)
     if variant.startswith("mixin"):
         return MixupClassifier(net, num_classes=10, lr=0.01, weight_decay=0.0)
     return Plain(net, log_loss=variant != "plain")
@@ -180,6 +210,8 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     cfg = preset(device, args.batch_size)
+    if device.type == "cuda" and "inline" in args.variants:
+        args.variants.remove("inline")  # written for the MLP preset
     warnings.filterwarnings("ignore")
     import logging
 
