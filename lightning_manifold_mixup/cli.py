@@ -91,9 +91,10 @@ def run_experiment(argv: Sequence[str]) -> None:
             accelerator=args.accelerator,
         )
         preset = ex.PRESETS[args.dataset]
+        lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}
         recipe = {
             "steps": preset.steps if args.steps is None else args.steps,
-            "lr": preset.lr if args.lr is None else args.lr,
+            **{f"lr {m}": lr for m, lr in lrs.items()},
             **{f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items()},
         }
         title = (

@@ -32,8 +32,11 @@ MLP_LAYERS = ("input", "net.layers.1", "net.layers.3")
 class Preset:
     """A dataset, its backbone and the training recipe used by ``compare``.
 
-    Every run trains for ``steps`` optimizer steps with AdamW at ``lr`` decayed to 0 along a
-    half cosine (``MixupClassifier(cosine=True)``); ``alphas`` holds alpha per mixup method.
+    Every run trains for ``steps`` optimizer steps with AdamW, its peak learning rate decayed
+    to 0 along a half cosine (``MixupClassifier(cosine=True)``). ``lr`` holds the peak learning
+    rate per method (``"none"``, ``"input"``, ``"manifold"``): each method gets the one its own
+    validation error chose, so no method is compared at another's best setting. ``alphas``
+    holds alpha per mixup method.
     """
 
     datamodule: Callable[[int], L.LightningDataModule]
@@ -41,7 +44,7 @@ class Preset:
     num_classes: int
     manifold_layers: tuple[str, ...]
     steps: int
-    lr: float
+    lr: dict[str, float]
     weight_decay: float = 1e-4
     alphas: dict[str, float] = field(default_factory=lambda: {"input": 1.0, "manifold": 2.0})
 
@@ -96,7 +99,7 @@ PRESETS: dict[str, Preset] = {
         num_classes=10,
         manifold_layers=("input", "net.block1", "net.block2", "net.block3"),
         steps=6000,
-        lr=1e-2,
+        lr={"none": 3e-2, "input": 1e-2, "manifold": 1e-2},
         alphas={"input": 2.0, "manifold": 2.0},
     ),
     # The MLP of the flattening experiment (paper section 3.2).
@@ -106,7 +109,7 @@ PRESETS: dict[str, Preset] = {
         num_classes=10,
         manifold_layers=MLP_LAYERS,
         steps=6000,
-        lr=1e-3,
+        lr={"none": 1e-3, "input": 1e-3, "manifold": 1e-3},
         alphas={"input": 1.0, "manifold": 2.0},
     ),
     "digits": Preset(
@@ -115,7 +118,7 @@ PRESETS: dict[str, Preset] = {
         num_classes=10,
         manifold_layers=("input", "net.block1", "net.block2"),
         steps=3000,
-        lr=3e-3,
+        lr={"none": 3e-3, "input": 3e-3, "manifold": 3e-3},
         alphas={"input": 2.0, "manifold": 2.0},
     ),
     "spirals": Preset(
@@ -124,7 +127,7 @@ PRESETS: dict[str, Preset] = {
         num_classes=3,
         manifold_layers=("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
         steps=6000,
-        lr=1e-2,
+        lr={"none": 1e-2, "input": 1e-2, "manifold": 1e-2},
         alphas={"input": 1.0, "manifold": 2.0},
     ),
 }
@@ -208,9 +211,10 @@ def train(
 ) -> tuple[MixupClassifier, L.LightningDataModule]:
     """Train one model with ``Trainer.fit``; returns the trained model and its datamodule.
 
-    ``steps``, ``lr`` and ``alpha`` override the preset's recipe. Runs use ``threads`` torch
-    threads and Lightning's ``deterministic=True``, so the same arguments give the same
-    model bit for bit on one machine. ``progress``: a tqdm bar to advance by optimizer steps.
+    ``steps``, ``lr`` and ``alpha`` override the preset's recipe for ``method``. Runs use
+    ``threads`` torch threads and Lightning's ``deterministic=True``, so the same arguments
+    give the same model bit for bit on one machine. ``progress``: a tqdm bar to advance by
+    optimizer steps.
     """
     preset = PRESETS[dataset] if isinstance(dataset, str) else dataset
     callbacks: list[L.Callback] = []
@@ -223,7 +227,7 @@ def train(
             preset.backbone(),
             preset.num_classes,
             optimizer="adam",
-            lr=preset.lr if lr is None else lr,
+            lr=preset.lr[method] if lr is None else lr,
             weight_decay=preset.weight_decay,
             cosine=True,
             train_metrics=False,
@@ -338,7 +342,8 @@ def compare(
 ) -> dict[str, list[dict[str, float]]]:
     """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts.
 
-    ``steps``, ``lr`` and ``alphas`` (per method) override the preset's recipe. One progress
+    ``steps``, ``lr`` (for every method) and ``alphas`` (per method) override the preset's
+    recipe. One progress
     bar counts the optimizer steps of all runs and names the run in progress.
     """
     from tqdm.auto import tqdm
