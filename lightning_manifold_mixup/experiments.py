@@ -100,7 +100,7 @@ PRESETS: dict[str, Preset] = {
         manifold_layers=("input", "net.block1", "net.block2", "net.block3"),
         steps=6000,
         lr={"none": 3e-2, "input": 1e-2, "manifold": 1e-2},
-        alphas={"input": 2.0, "manifold": 2.0},
+        alphas={"input": 0.5, "manifold": 2.0},
     ),
     # The MLP of the flattening experiment (paper section 3.2).
     "mnist1d_mlp": Preset(
