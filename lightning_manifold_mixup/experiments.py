@@ -118,8 +118,8 @@ PRESETS: dict[str, Preset] = {
         num_classes=10,
         manifold_layers=("input", "net.block1", "net.block2"),
         steps=3000,
-        lr={"none": 3e-3, "input": 3e-3, "manifold": 3e-3},
-        alphas={"input": 2.0, "manifold": 2.0},
+        lr={"none": 3e-2, "input": 3e-2, "manifold": 3e-2},
+        alphas={"input": 2.0, "manifold": 0.5},
     ),
     "spirals": Preset(
         datamodule=_spirals,
