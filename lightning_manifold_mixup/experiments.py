@@ -109,7 +109,7 @@ PRESETS: dict[str, Preset] = {
         num_classes=10,
         manifold_layers=MLP_LAYERS,
         steps=6000,
-        lr={"none": 1e-3, "input": 1e-3, "manifold": 1e-3},
+        lr={"none": 1e-2, "input": 3e-3, "manifold": 3e-3},
         alphas={"input": 1.0, "manifold": 2.0},
     ),
     "digits": Preset(
@@ -127,8 +127,8 @@ PRESETS: dict[str, Preset] = {
         num_classes=3,
         manifold_layers=("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
         steps=6000,
-        lr={"none": 1e-2, "input": 1e-2, "manifold": 1e-2},
-        alphas={"input": 1.0, "manifold": 2.0},
+        lr={"none": 3e-3, "input": 3e-2, "manifold": 1e-2},
+        alphas={"input": 0.2, "manifold": 2.0},
     ),
 }
 
