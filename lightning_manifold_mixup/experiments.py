@@ -128,7 +128,7 @@ PRESETS: dict[str, Preset] = {
         manifold_layers=("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
         steps=6000,
         lr={"none": 3e-3, "input": 3e-2, "manifold": 1e-2},
-        alphas={"input": 0.2, "manifold": 2.0},
+        alphas={"input": 0.1, "manifold": 2.0},
     ),
 }
 
