@@ -30,8 +30,14 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
         weight_decay: L2 weight decay.
         milestones: epochs at which the learning rate is divided by ``gamma`` (step schedule).
         gamma: learning-rate decay factor at each milestone.
+        cosine: decay the learning rate to 0 along a half cosine over the run's optimizer steps
+            (``trainer.estimated_stepping_batches``: ``max_steps``, or ``max_epochs`` times the
+            batches per epoch), updated every step; not combined with ``milestones``.
         criterion: ``"ce"`` or ``"bce"`` (BCE on softmax, the paper's reference criterion).
         label_smoothing: label smoothing for ``"ce"``.
+        train_metrics: log train loss and accuracies every step (the mixin's default
+            ``training_step``); ``False`` only computes the loss, which saves about a
+            millisecond per step: most of a step of the small built-in models on a CPU.
 
     Example:
         >>> model = MixupClassifier(nn.Linear(4, 3), num_classes=3)
@@ -50,10 +56,16 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
         weight_decay: float = 1e-4,
         milestones: tuple[int, ...] = (),
         gamma: float = 0.1,
+        cosine: bool = False,
         criterion: Criterion = "ce",
         label_smoothing: float = 0.0,
+        train_metrics: bool = True,
     ) -> None:
         super().__init__()
+        if cosine and milestones:
+            raise ValueError(
+                f"choose one learning-rate schedule: cosine=True or milestones={milestones}"
+            )
         self.save_hyperparameters(ignore=["backbone"])
         self.net = backbone
         self.num_classes = num_classes
@@ -64,6 +76,11 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.hparams.get("train_metrics", True):
+            return super().training_step(batch, batch_idx)
+        return self.mixup_loss(self(batch[0]), batch[1])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
@@ -94,6 +111,10 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
             )
         else:
             opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.get("cosine", False):
+            total = int(self.trainer.estimated_stepping_batches)
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
         if not hp.milestones:
             return opt
         sched = torch.optim.lr_scheduler.MultiStepLR(

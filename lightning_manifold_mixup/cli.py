@@ -46,7 +46,8 @@ def _experiment_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--dataset", default="mnist1d", choices=sorted(PRESETS))
     cmp.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="count or comma list")
     cmp.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    cmp.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    cmp.add_argument("--steps", type=int, default=None, help="optimizer steps (preset's)")
+    cmp.add_argument("--lr", type=float, default=None, help="peak learning rate (preset's)")
     cmp.add_argument("--alpha-input", type=float, default=None)
     cmp.add_argument("--alpha-manifold", type=float, default=None)
     cmp.add_argument("--fgsm-eps", type=float, default=0.1)
@@ -54,15 +55,15 @@ def _experiment_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", type=Path, default=None, help="write the raw results as JSON")
 
     flat = sub.add_parser("flattening", help="per-class singular values of a hidden layer")
-    flat.add_argument("--dataset", default="mnist1d", choices=sorted(PRESETS))
+    flat.add_argument("--dataset", default="mnist1d", choices=["digits", "mnist1d", "spirals"])
     flat.add_argument("--seeds", type=_seeds, default=[0])
-    flat.add_argument("--epochs", type=int, default=None)
+    flat.add_argument("--steps", type=int, default=None, help="optimizer steps (preset's)")
     flat.add_argument("--accelerator", default="cpu")
     flat.add_argument("--out", type=Path, default=None, help="JSON results")
     flat.add_argument("--plot", type=Path, default=None, help="PNG of the spectra")
 
     spi = sub.add_parser("spirals", help="decision boundaries and a 2-D bottleneck (Figure 1)")
-    spi.add_argument("--epochs", type=int, default=None)
+    spi.add_argument("--steps", type=int, default=None, help="optimizer steps (preset's)")
     spi.add_argument("--seed", type=int, default=0)
     spi.add_argument("--accelerator", default="cpu")
     spi.add_argument("--out", type=Path, default=Path("spirals.png"))
@@ -83,21 +84,30 @@ def run_experiment(argv: Sequence[str]) -> None:
             args.dataset,
             seeds=args.seeds,
             methods=args.methods,
-            epochs=args.epochs,
+            steps=args.steps,
             fgsm_eps=args.fgsm_eps,
             alphas=alphas,
+            lr=args.lr,
             accelerator=args.accelerator,
         )
+        preset = ex.PRESETS[args.dataset]
+        lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}
+        recipe = {
+            "steps": preset.steps if args.steps is None else args.steps,
+            **{f"lr {m}": lr for m, lr in lrs.items()},
+            **{f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items()},
+        }
         title = (
-            f"{args.dataset}: {len(args.seeds)} seed(s), mean ± std, "
-            f"FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
+            f"{args.dataset}: seeds {args.seeds}, mean ± std, "
+            + ", ".join(f"{k} {v:g}" for k, v in recipe.items())
+            + f", FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
         )
         print(ex.format_table(results, title))
         if args.out is not None:
             args.out.write_text(json.dumps(results, indent=2))
     elif args.command == "flattening":
         flat = ex.flattening(
-            args.dataset, seeds=args.seeds, epochs=args.epochs, accelerator=args.accelerator
+            args.dataset, seeds=args.seeds, steps=args.steps, accelerator=args.accelerator
         )
         print(ex.format_flattening(flat, args.dataset))
         if args.out is not None:
@@ -106,7 +116,7 @@ def run_experiment(argv: Sequence[str]) -> None:
             ex.plot_spectra(flat, str(args.plot))
     else:
         errors = ex.spirals_figure(
-            str(args.out), epochs=args.epochs, seed=args.seed, accelerator=args.accelerator
+            str(args.out), steps=args.steps, seed=args.seed, accelerator=args.accelerator
         )
         print("spirals test error %: " + ", ".join(f"{k} {v:.2f}" for k, v in errors.items()))
         print(f"figure written to {args.out}")

@@ -12,7 +12,7 @@ import statistics
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import lightning as L
@@ -24,18 +24,27 @@ from lightning_manifold_mixup.callback import ManifoldMixupCallback
 from lightning_manifold_mixup.classifier import MixupClassifier
 
 METHODS = ("none", "input", "manifold")
+# Mixing points of the built-in MLP (256-256): the input and both hidden activations.
+MLP_LAYERS = ("input", "net.layers.1", "net.layers.3")
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A dataset, its backbone and the training recipe used by ``compare``."""
+    """A dataset, its backbone and the training recipe used by ``compare``.
+
+    Every run trains for ``steps`` optimizer steps with AdamW, its peak learning rate decayed
+    to 0 along a half cosine (``MixupClassifier(cosine=True)``). ``lr`` holds the peak learning
+    rate per method (``"none"``, ``"input"``, ``"manifold"``): each method gets the one its own
+    validation error chose, so no method is compared at another's best setting. ``alphas``
+    holds alpha per mixup method.
+    """
 
     datamodule: Callable[[int], L.LightningDataModule]
     backbone: Callable[[], nn.Module]
     num_classes: int
     manifold_layers: tuple[str, ...]
-    epochs: int
-    lr: float
+    steps: int
+    lr: dict[str, float]
     weight_decay: float = 1e-4
     alphas: dict[str, float] = field(default_factory=lambda: {"input": 1.0, "manifold": 2.0})
 
@@ -43,7 +52,7 @@ class Preset:
 def _mnist1d(seed: int) -> L.LightningDataModule:
     from lightning_manifold_mixup.data import MNIST1DDataModule
 
-    return MNIST1DDataModule(batch_size=128, seed=seed)
+    return MNIST1DDataModule(batch_size=100, seed=seed)
 
 
 def _digits(seed: int) -> L.LightningDataModule:
@@ -61,7 +70,7 @@ def _spirals(seed: int) -> L.LightningDataModule:
 def _cnn1d() -> nn.Module:
     from lightning_manifold_mixup.models import CNN1D
 
-    return CNN1D(num_classes=10)
+    return CNN1D(num_classes=10, channels=25)
 
 
 def _small_cnn() -> nn.Module:
@@ -70,45 +79,62 @@ def _small_cnn() -> nn.Module:
     return SmallCNN2D(num_classes=10)
 
 
+def _mnist1d_mlp() -> nn.Module:
+    from lightning_manifold_mixup.models import MLP
+
+    return MLP(40, 10, hidden=(256, 256))
+
+
 def _spiral_mlp() -> nn.Module:
     from lightning_manifold_mixup.models import MLP
 
     return MLP(2, 3, hidden=(64, 64), bottleneck=2, activation="tanh")
 
 
+# Recipes chosen on validation error only (seeds 0-1); the search is in docs/results.md.
 PRESETS: dict[str, Preset] = {
-    # alphas chosen by validation error over {0.2, 0.5, 1, 2} (seeds 0-1; README, Results)
     "mnist1d": Preset(
-        _mnist1d,
-        _cnn1d,
-        10,
-        ("input", "net.block1", "net.block2"),
-        60,
-        3e-3,
-        alphas={"input": 0.5, "manifold": 0.5},
+        datamodule=_mnist1d,
+        backbone=_cnn1d,
+        num_classes=10,
+        manifold_layers=("input", "net.block1", "net.block2", "net.block3"),
+        steps=6000,
+        lr={"none": 3e-2, "input": 1e-2, "manifold": 1e-2},
+        alphas={"input": 0.5, "manifold": 2.0},
+    ),
+    # The MLP of the flattening experiment (paper section 3.2).
+    "mnist1d_mlp": Preset(
+        datamodule=_mnist1d,
+        backbone=_mnist1d_mlp,
+        num_classes=10,
+        manifold_layers=MLP_LAYERS,
+        steps=6000,
+        lr={"none": 1e-2, "input": 3e-3, "manifold": 3e-3},
+        alphas={"input": 1.0, "manifold": 2.0},
     ),
     "digits": Preset(
-        _digits,
-        _small_cnn,
-        10,
-        ("input", "net.block1", "net.block2"),
-        30,
-        3e-3,
-        alphas={"input": 2.0, "manifold": 0.2},
+        datamodule=_digits,
+        backbone=_small_cnn,
+        num_classes=10,
+        manifold_layers=("input", "net.block1", "net.block2"),
+        steps=3000,
+        lr={"none": 3e-2, "input": 3e-2, "manifold": 3e-2},
+        alphas={"input": 2.0, "manifold": 0.5},
     ),
     "spirals": Preset(
-        _spirals,
-        _spiral_mlp,
-        3,
-        ("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
-        40,
-        1e-2,
+        datamodule=_spirals,
+        backbone=_spiral_mlp,
+        num_classes=3,
+        manifold_layers=("input", "net.layers.1", "net.layers.3", "net.bottleneck"),
+        steps=6000,
+        lr={"none": 3e-3, "input": 3e-2, "manifold": 1e-2},
+        alphas={"input": 0.1, "manifold": 2.0},
     ),
 }
 
 
 def fast_mode() -> bool:
-    """True when ``LMM_FAST=1``: notebooks and smoke tests shrink epochs and seeds."""
+    """True when ``LMM_FAST=1``: notebooks and smoke tests shrink steps and seeds."""
     return os.environ.get("LMM_FAST", "") not in ("", "0")
 
 
@@ -143,41 +169,86 @@ def make_callback(
     return ManifoldMixupCallback(layers=layers, alpha=a, seed=seed, log=False)
 
 
+class _StepProgress(L.Callback):
+    """Advances a shared tqdm bar (counting optimizer steps) every ``every`` steps."""
+
+    def __init__(self, bar: Any, every: int = 50) -> None:
+        self.bar = bar
+        self.every = every
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step % self.every == 0:
+            self.bar.update(self.every)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads (restored after).
+
+    The thread count decides how reductions are split, so it changes results in the last bits,
+    and those differences grow over thousands of steps; a fixed count makes runs repeat on
+    any machine size.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(
     dataset: str | Preset,
     method: str,
     seed: int,
     *,
-    epochs: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
     alpha: float | None = None,
     accelerator: str = "cpu",
+    threads: int = 1,
+    progress: Any = None,
 ) -> tuple[MixupClassifier, L.LightningDataModule]:
-    """Train one model with ``Trainer.fit``; returns the trained model and its datamodule."""
+    """Train one model with ``Trainer.fit``; returns the trained model and its datamodule.
+
+    ``steps``, ``lr`` and ``alpha`` override the preset's recipe for ``method``. Runs use
+    ``threads`` torch threads and Lightning's ``deterministic=True``, so the same arguments
+    give the same model bit for bit on one machine. ``progress``: a tqdm bar to advance by
+    optimizer steps.
+    """
     preset = PRESETS[dataset] if isinstance(dataset, str) else dataset
-    L.seed_everything(seed, workers=True, verbose=False)
-    dm = preset.datamodule(seed)
-    model = MixupClassifier(
-        preset.backbone(),
-        preset.num_classes,
-        optimizer="adam",
-        lr=preset.lr,
-        weight_decay=preset.weight_decay,
-    )
-    cb = make_callback(preset, method, seed, alpha)
-    n_epochs = epochs if epochs is not None else preset.epochs
-    trainer = L.Trainer(
-        max_epochs=n_epochs,
-        accelerator=accelerator,
-        devices=1,
-        callbacks=[cb] if cb is not None else [],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=dm)
+    callbacks: list[L.Callback] = []
+    if progress is not None:
+        callbacks.append(_StepProgress(progress))
+    with torch_threads(threads):
+        L.seed_everything(seed, workers=True, verbose=False)
+        dm = preset.datamodule(seed)
+        model = MixupClassifier(
+            preset.backbone(),
+            preset.num_classes,
+            optimizer="adam",
+            lr=preset.lr[method] if lr is None else lr,
+            weight_decay=preset.weight_decay,
+            cosine=True,
+            train_metrics=False,
+        )
+        cb = make_callback(preset, method, seed, alpha)
+        if cb is not None:
+            callbacks.append(cb)
+        trainer = L.Trainer(
+            max_steps=preset.steps if steps is None else steps,
+            accelerator=accelerator,
+            devices=1,
+            callbacks=callbacks,
+            logger=False,
+            deterministic=True,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, datamodule=dm)
     model.eval()
     return model, dm
 
@@ -262,13 +333,19 @@ def compare(
     dataset: str = "mnist1d",
     seeds: Sequence[int] = (0, 1, 2),
     methods: Sequence[str] = METHODS,
-    epochs: int | None = None,
+    steps: int | None = None,
     fgsm_eps: float = 0.1,
     alphas: dict[str, float] | None = None,
+    lr: float | None = None,
     accelerator: str = "cpu",
     progress: bool = True,
 ) -> dict[str, list[dict[str, float]]]:
-    """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts."""
+    """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts.
+
+    ``steps``, ``lr`` (for every method) and ``alphas`` (per method) override the preset's
+    recipe. One progress
+    bar counts the optimizer steps of all runs and names the run in progress.
+    """
     from tqdm.auto import tqdm
 
     if dataset not in PRESETS:
@@ -276,16 +353,32 @@ def compare(
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; choose from {METHODS}")
+    n_steps = PRESETS[dataset].steps if steps is None else steps
     results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     jobs = [(m, s) for s in seeds for m in methods]
-    bar = tqdm(jobs, desc=f"compare {dataset}", disable=not progress, unit="run")
-    with quiet_lightning():
-        for method, seed in bar:
-            bar.set_postfix(method=method, seed=seed)
+    bar = tqdm(
+        total=len(jobs) * n_steps,
+        desc=f"compare {dataset}: {len(jobs)} runs x {n_steps} steps",
+        disable=not progress,
+        unit="step",
+        unit_scale=True,
+    )
+    with bar, quiet_lightning():
+        for run, (method, seed) in enumerate(jobs, start=1):
+            bar.set_postfix_str(f"run {run}/{len(jobs)}: {method}, seed {seed}")
             alpha = (alphas or {}).get(method)
             model, dm = train(
-                dataset, method, seed, epochs=epochs, alpha=alpha, accelerator=accelerator
+                dataset,
+                method,
+                seed,
+                steps=n_steps,
+                lr=lr,
+                alpha=alpha,
+                accelerator=accelerator,
+                progress=bar if progress else None,
             )
+            bar.n = run * n_steps  # the last, partial update interval
+            bar.refresh()
             results[method].append(evaluate(model, dm, fgsm_eps))
     return results
 
@@ -306,37 +399,44 @@ def class_singular_values(h: Tensor, y: Tensor) -> dict[int, Tensor]:
     return {int(c): torch.linalg.svdvals(h[y == c].double()).float() for c in y.unique()}
 
 
-def flattening(
-    dataset: str = "mnist1d",
-    seeds: Sequence[int] = (0,),
-    epochs: int | None = None,
-    accelerator: str = "cpu",
-) -> dict[str, dict[str, Any]]:
-    """Per-class singular values of the first hidden layer of an MLP, for each method.
-
-    Returns per method: ``non_leading`` (sum of all but the largest singular value, averaged
-    over classes and seeds), ``all_classes_non_leading`` (the same over all classes
-    together) and ``spectrum`` (mean per-class spectrum of the first seed, for plots).
-    """
+def flattening_preset(dataset: str = "mnist1d") -> Preset:
+    """The MLP (256-256) preset ``f"{dataset}_mlp"`` if there is one, else one built from the
+    dataset's preset (its data, steps, learning rate and alphas)."""
+    if f"{dataset}_mlp" in PRESETS:
+        return PRESETS[f"{dataset}_mlp"]
     from lightning_manifold_mixup.models import MLP
 
     base = PRESETS[dataset]
     in_features = {"mnist1d": 40, "digits": 64, "spirals": 2}[dataset]
-    preset = Preset(
-        base.datamodule,
-        lambda: MLP(in_features, base.num_classes, hidden=(256, 256)),
-        base.num_classes,
-        ("input", "net.layers.1", "net.layers.3"),
-        epochs if epochs is not None else base.epochs,
-        base.lr,
-        base.weight_decay,
+    return replace(
+        base,
+        backbone=lambda: MLP(in_features, base.num_classes, hidden=(256, 256)),
+        manifold_layers=MLP_LAYERS,
     )
+
+
+def flattening(
+    dataset: str = "mnist1d",
+    seeds: Sequence[int] = (0,),
+    steps: int | None = None,
+    accelerator: str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """Per-class singular values of the first hidden layer of an MLP, for each method.
+
+    Trains :func:`flattening_preset` and returns per method: ``non_leading`` (sum of all but
+    the largest singular value, averaged over classes; one value per seed),
+    ``all_classes_non_leading`` (the same over all classes together), ``relative`` (per class
+    ``sum(s[1:]) / s[0]``, the non-leading mass relative to the leading direction, averaged
+    over classes), ``test_err`` and ``spectrum`` (mean per-class spectrum of the first seed,
+    for plots).
+    """
+    preset = flattening_preset(dataset)
     out: dict[str, dict[str, Any]] = {}
     with quiet_lightning():
         for method in METHODS:
-            per_seed, together, spectrum = [], [], None
+            per_seed, relative, together, errors, spectrum = [], [], [], [], None
             for seed in seeds:
-                model, dm = train(preset, method, seed, accelerator=accelerator)
+                model, dm = train(preset, method, seed, steps=steps, accelerator=accelerator)
                 dm.setup("fit")
                 loader = dm.train_dataloader()
                 h = hidden_representation(
@@ -345,12 +445,16 @@ def flattening(
                 y = torch.cat([b[1] for b in _ordered(loader)])
                 svs = class_singular_values(h, y)
                 per_seed.append(statistics.fmean(float(s[1:].sum()) for s in svs.values()))
+                relative.append(statistics.fmean(float(s[1:].sum() / s[0]) for s in svs.values()))
                 together.append(float(torch.linalg.svdvals(h.double())[1:].sum()))
+                errors.append(evaluate(model, dm, 0.0)["test_err"])
                 if spectrum is None:
                     spectrum = torch.stack([s[:32] for s in svs.values()]).mean(0)
             out[method] = {
                 "non_leading": per_seed,
                 "all_classes_non_leading": together,
+                "relative": relative,
+                "test_err": errors,
                 "spectrum": spectrum.tolist() if spectrum is not None else [],
             }
     return out
@@ -363,7 +467,7 @@ def _ordered(loader: DataLoader) -> DataLoader:
 
 def spirals_figure(
     path: str,
-    epochs: int | None = None,
+    steps: int | None = None,
     seed: int = 0,
     accelerator: str = "cpu",
 ) -> dict[str, float]:
@@ -381,7 +485,7 @@ def spirals_figure(
     titles = {"none": "no mixup", "input": "input mixup", "manifold": "manifold mixup"}
     with quiet_lightning():
         for col, method in enumerate(METHODS):
-            model, dm = train("spirals", method, seed, epochs=epochs, accelerator=accelerator)
+            model, dm = train("spirals", method, seed, steps=steps, accelerator=accelerator)
             dm.setup("test")
             test = dm.test_dataloader()
             x = torch.cat([b[0] for b in test])
@@ -411,13 +515,15 @@ def format_flattening(results: dict[str, dict[str, Any]], dataset: str) -> str:
     lines = [
         f"{dataset}: first hidden layer of an MLP, sum of non-leading singular values",
         "",
-        "| method | per class (mean over classes) | all classes together |",
-        "|---|---|---|",
+        "| method | per class (mean over classes) | all classes together | "
+        "per class / leading | test error % |",
+        "|---|---|---|---|---|",
     ]
     for method, r in results.items():
         lines.append(
             f"| {method} | {_mean_std(r['non_leading'])} | "
-            f"{_mean_std(r['all_classes_non_leading'])} |"
+            f"{_mean_std(r['all_classes_non_leading'])} | {_mean_std(r['relative'])} | "
+            f"{_mean_std(r['test_err'])} |"
         )
     return "\n".join(lines)
 

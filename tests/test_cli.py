@@ -87,11 +87,19 @@ def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
 
 
 def test_compare_prints_a_table_for_every_method(capsys: pytest.CaptureFixture[str]) -> None:
-    main(["compare", "--dataset", "spirals", "--seeds", "1", "--epochs", "1"])
+    main(["compare", "--dataset", "spirals", "--seeds", "1", "--steps", "2"])
     out = capsys.readouterr().out
     for method in ("none", "input", "manifold"):
         assert f"| {method} |" in out
     assert "test error %" in out and "test ECE" in out and "FGSM acc %" in out
+
+
+def test_compare_title_states_the_recipe_with_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = ["--steps", "3", "--lr", "0.05", "--alpha-manifold", "0.5"]
+    main(["compare", "--dataset", "spirals", "--seeds", "0,7", "--methods", "manifold", *recipe])
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title.startswith("spirals: seeds [0, 7]")
+    assert "steps 3, lr manifold 0.05, alpha input 1, alpha manifold 0.5" in title
 
 
 def test_compare_rejects_an_unknown_dataset() -> None:

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
-import numpy as np
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from typing import Any
 
-__all__ = ["SplitDataModule", "check_fraction", "stratified_split"]
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["InMemoryDataset", "SplitDataModule", "check_fraction", "stratified_split"]
+
+
+class InMemoryDataset(TensorDataset):
+    """A ``TensorDataset`` whose DataLoader batches are one indexing per tensor.
+
+    ``DataLoader`` hands the sampled index list to ``__getitems__``, so a batch costs one
+    ``tensor[index]`` per tensor instead of ``batch_size`` item lookups and a stack: the same
+    batches in the same order, several times cheaper for small models, whose steps take
+    milliseconds. The result is already collated; pair it with :func:`collate_batch`.
+
+    >>> ds = InMemoryDataset(torch.arange(10.0).reshape(5, 2), torch.arange(5))
+    >>> x, y = collate_batch(ds.__getitems__([4, 0]))
+    >>> x.tolist(), y.tolist()
+    ([[8.0, 9.0], [0.0, 1.0]], [4, 0])
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return [tensor[index] for tensor in self.tensors]
+
+
+def collate_batch(batch: list[Tensor]) -> list[Tensor]:
+    """Collate for :class:`InMemoryDataset`: its ``__getitems__`` already built ``[x, y]``."""
+    return batch
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool) -> None:
@@ -89,12 +117,16 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, *, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for dataloaders")
+        extra: dict[str, Any] = {}
+        if isinstance(dataset, InMemoryDataset):
+            extra["collate_fn"] = collate_batch
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from lightning_manifold_mixup.data._base import SplitDataModule, check_fraction, stratified_split
+from lightning_manifold_mixup.data._base import (
+    InMemoryDataset,
+    SplitDataModule,
+    check_fraction,
+    stratified_split,
+)
 
 __all__ = ["DigitsDataModule"]
 
@@ -62,9 +67,9 @@ class DigitsDataModule(SplitDataModule):
         train_idx, val_idx = rest[train_pos], rest[val_pos]
         self.train_indices, self.val_indices, self.test_indices = train_idx, val_idx, test_idx
 
-        def subset(indices: np.ndarray) -> TensorDataset:
+        def subset(indices: np.ndarray) -> InMemoryDataset:
             index = torch.from_numpy(indices)
-            return TensorDataset(images[index], targets[index])
+            return InMemoryDataset(images[index], targets[index])
 
         val = subset(val_idx) if len(val_idx) > 0 else None
         return subset(train_idx), val, subset(test_idx)

@@ -10,9 +10,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from lightning_manifold_mixup.data._base import SplitDataModule, check_fraction, stratified_split
+from lightning_manifold_mixup.data._base import (
+    InMemoryDataset,
+    SplitDataModule,
+    check_fraction,
+    stratified_split,
+)
 
 __all__ = ["MNIST1DDataModule"]
 
@@ -149,9 +154,9 @@ class MNIST1DDataModule(SplitDataModule):
         mean, std = float(train_x.mean()), float(train_x.std())
         self.mean, self.std = mean, std
 
-        def dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        def dataset(x: np.ndarray, y: np.ndarray) -> InMemoryDataset:
             inputs = (torch.tensor(x) - mean) / std
-            return TensorDataset(inputs.unsqueeze(1), torch.tensor(y))
+            return InMemoryDataset(inputs.unsqueeze(1), torch.tensor(y))
 
         val = None
         if len(val_idx) > 0:

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from lightning_manifold_mixup.data._base import SplitDataModule
+from lightning_manifold_mixup.data._base import InMemoryDataset, SplitDataModule
 
 __all__ = ["SpiralsDataModule", "make_spirals"]
 
@@ -86,9 +86,9 @@ class SpiralsDataModule(SplitDataModule):
             np.random.default_rng(child) for child in np.random.SeedSequence(self.seed).spawn(3)
         )
 
-        def dataset(num_samples: int, rng: np.random.Generator) -> TensorDataset:
+        def dataset(num_samples: int, rng: np.random.Generator) -> InMemoryDataset:
             x, y = make_spirals(num_samples, self.num_classes, self.noise, self.turns, rng)
-            return TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+            return InMemoryDataset(torch.from_numpy(x), torch.from_numpy(y))
 
         val = dataset(self.num_val, val_rng) if self.num_val > 0 else None
         return dataset(self.num_train, train_rng), val, dataset(self.num_test, test_rng)

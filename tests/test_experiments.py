@@ -1,0 +1,82 @@
+"""The built-in experiments: recipes that resolve, a cosine schedule, runs that repeat."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from conftest import quiet_trainer
+from lightning_manifold_mixup.classifier import MixupClassifier
+from lightning_manifold_mixup.data import SpiralsDataModule
+from lightning_manifold_mixup.experiments import PRESETS, evaluate, flattening_preset, train
+from lightning_manifold_mixup.layers import resolve_layers
+
+
+class _RecordLR(L.Callback):
+    """The learning rate each optimizer step uses."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_mixes_at_layers_its_backbone_has(name: str) -> None:
+    preset = PRESETS[name]
+    model = MixupClassifier(preset.backbone(), preset.num_classes)
+    assert preset.manifold_layers[0] == "input"
+    assert resolve_layers(model, list(preset.manifold_layers)) == list(preset.manifold_layers)
+    assert set(preset.alphas) == {"input", "manifold"}
+    assert set(preset.lr) == {"none", "input", "manifold"}
+    assert preset.steps > 0 and min(preset.lr.values()) > 0
+
+
+def test_the_flattening_preset_is_the_mnist1d_mlp() -> None:
+    preset = flattening_preset("mnist1d")
+    assert preset is PRESETS["mnist1d_mlp"]
+    model = MixupClassifier(preset.backbone(), preset.num_classes)
+    assert isinstance(model.net.get_submodule("layers.1"), nn.ReLU)
+
+
+def test_cosine_schedule_decays_the_learning_rate_to_zero_at_max_steps() -> None:
+    dm = SpiralsDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
+    model = MixupClassifier(nn.Linear(2, 3), 3, optimizer="adam", lr=0.1, cosine=True)
+    record = _RecordLR()
+    quiet_trainer(max_steps=10, callbacks=[record]).fit(model, dm)
+    seen = record.seen
+    expected = [0.05 * (1 + math.cos(math.pi * k / 10)) for k in range(10)]
+    assert seen == pytest.approx(expected)
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_and_milestones_cannot_be_combined() -> None:
+    with pytest.raises(ValueError, match="cosine=True or milestones=\\(5,\\)"):
+        MixupClassifier(nn.Linear(2, 3), 3, cosine=True, milestones=(5,))
+
+
+def test_without_train_metrics_the_step_logs_nothing_and_still_learns() -> None:
+    dm = SpiralsDataModule(num_train=256, num_val=16, num_test=16, batch_size=32, turns=0.25)
+    model = MixupClassifier(nn.Linear(2, 3), 3, optimizer="adam", lr=0.05, train_metrics=False)
+    trainer = quiet_trainer(max_epochs=5, limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert not [k for k in trainer.callback_metrics if k.startswith("train")]
+    dm.setup("test")
+    assert evaluate(model.eval(), dm, 0.0)["test_err"] < 40.0  # chance is 66.7
+
+
+def test_a_preset_run_repeats_bit_for_bit_and_restores_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    first, _ = train("spirals", "manifold", seed=3, steps=30)
+    assert torch.get_num_threads() == threads
+    second, _ = train("spirals", "manifold", seed=3, steps=30)
+    other, _ = train("spirals", "manifold", seed=4, steps=30)
+    a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
