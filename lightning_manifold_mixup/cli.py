@@ -95,7 +95,9 @@ def run_experiment(argv: Sequence[str]) -> None:
         recipe = {
             "steps": preset.steps if args.steps is None else args.steps,
             **{f"lr {m}": lr for m, lr in lrs.items()},
-            **{f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items()},
+            **{
+                f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items() if m in args.methods
+            },
         }
         title = (
             f"{args.dataset}: seeds {args.seeds}, mean ± std, "

@@ -461,8 +461,8 @@ def flattening(
 
 
 def _ordered(loader: DataLoader) -> DataLoader:
-    """The same dataset, unshuffled, so features and labels line up."""
-    return DataLoader(loader.dataset, batch_size=512, shuffle=False)
+    """The same dataset and collate, unshuffled, so features and labels line up."""
+    return DataLoader(loader.dataset, batch_size=512, shuffle=False, collate_fn=loader.collate_fn)
 
 
 def spirals_figure(

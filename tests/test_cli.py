@@ -99,7 +99,7 @@ def test_compare_title_states_the_recipe_with_overrides(capsys: pytest.CaptureFi
     main(["compare", "--dataset", "spirals", "--seeds", "0,7", "--methods", "manifold", *recipe])
     title = capsys.readouterr().out.splitlines()[0]
     assert title.startswith("spirals: seeds [0, 7]")
-    assert "steps 3, lr manifold 0.05, alpha input 1, alpha manifold 0.5" in title
+    assert "steps 3, lr manifold 0.05, alpha manifold 0.5, FGSM" in title
 
 
 def test_compare_rejects_an_unknown_dataset() -> None:

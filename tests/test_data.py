@@ -14,7 +14,7 @@ import torch
 from jsonargparse import ArgumentParser
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from lightning_manifold_mixup.data import (
@@ -395,3 +395,16 @@ def test_trainer_runs_every_stage_on_a_datamodule() -> None:
     assert trainer.global_step == 4
     (result,) = trainer.test(model, datamodule=dm, verbose=False)
     assert math.isfinite(result["val_loss"])
+
+
+def test_in_memory_batches_equal_the_per_sample_batches_of_a_tensor_dataset() -> None:
+    dm = SpiralsDataModule(num_train=100, num_val=8, num_test=8, batch_size=32)
+    dm.setup("fit")
+    plain = DataLoader(TensorDataset(*tensors(dm.train_set)), batch_size=32, shuffle=True)
+    torch.manual_seed(0)
+    fast = list(dm.train_dataloader())
+    torch.manual_seed(0)
+    slow = list(plain)
+    assert [len(b[0]) for b in fast] == [32, 32, 32, 4]
+    for (x, y), (x_ref, y_ref) in zip(fast, slow, strict=True):
+        assert isinstance(x, torch.Tensor) and torch.equal(x, x_ref) and torch.equal(y, y_ref)

@@ -13,7 +13,13 @@ from torch import nn
 from conftest import quiet_trainer
 from lightning_manifold_mixup.classifier import MixupClassifier
 from lightning_manifold_mixup.data import SpiralsDataModule
-from lightning_manifold_mixup.experiments import PRESETS, evaluate, flattening_preset, train
+from lightning_manifold_mixup.experiments import (
+    PRESETS,
+    evaluate,
+    flattening,
+    flattening_preset,
+    train,
+)
 from lightning_manifold_mixup.layers import resolve_layers
 
 
@@ -80,3 +86,16 @@ def test_a_preset_run_repeats_bit_for_bit_and_restores_the_thread_count() -> Non
     a, b, c = first.state_dict(), second.state_dict(), other.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_flattening_measures_every_method_on_the_training_set_in_order() -> None:
+    result = flattening("spirals", seeds=(0,), steps=5)
+    assert list(result) == ["none", "input", "manifold"]
+    for r in result.values():
+        (per_class,), (together,), (relative,) = (
+            r["non_leading"],
+            r["all_classes_non_leading"],
+            r["relative"],
+        )
+        assert 0 < per_class < together and relative > 0
+        assert len(r["spectrum"]) == 32 and len(r["test_err"]) == 1
