@@ -35,9 +35,9 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
             batches per epoch), updated every step; not combined with ``milestones``.
         criterion: ``"ce"`` or ``"bce"`` (BCE on softmax, the paper's reference criterion).
         label_smoothing: label smoothing for ``"ce"``.
-        train_metrics: log train loss and accuracies every step (the mixin's default
-            ``training_step``); ``False`` only computes the loss, which saves about a
-            millisecond per step: most of a step of the small built-in models on a CPU.
+        train_metrics: log train loss and accuracies as the mixin's default ``training_step``
+            does (an in-place loss sum per step, batch values on logging steps); ``False``
+            only computes the loss.
 
     Example:
         >>> model = MixupClassifier(nn.Linear(4, 3), num_classes=3)
@@ -80,7 +80,8 @@ class MixupClassifier(ManifoldMixupMixin, L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.hparams.get("train_metrics", True):
             return super().training_step(batch, batch_idx)
-        return self.mixup_loss(self(batch[0]), batch[1])
+        input_key, target_key = self.mixup_batch_keys()
+        return self.mixup_loss(self(batch[input_key]), batch[target_key])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

@@ -122,12 +122,16 @@ class ManifoldMixupMixin:
         without the callback). Logging costs no host-device synchronisation per step: see
         :meth:`log_train_metrics`.
         """
-        input_key, target_key = _batch_keys(self)
+        input_key, target_key = self.mixup_batch_keys()
         x, y = batch[input_key], batch[target_key]
         logits = self(x)  # type: ignore[operator]
         loss = self.mixup_loss(logits, y)
         self.log_train_metrics(loss, logits, y)
         return loss
+
+    def mixup_batch_keys(self) -> tuple[Any, Any]:
+        """``(input_key, target_key)`` of the fit's ``ManifoldMixupCallback``, else ``(0, 1)``."""
+        return _batch_keys(self)
 
     def log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
         """Train metrics the Lightning way, without a per-step host read.
