@@ -75,38 +75,7 @@ def run_experiment(argv: Sequence[str]) -> None:
 
     args = _experiment_parser().parse_args(list(argv))
     if args.command == "compare":
-        alphas = {
-            k: v
-            for k, v in (("input", args.alpha_input), ("manifold", args.alpha_manifold))
-            if v is not None
-        }
-        results = ex.compare(
-            args.dataset,
-            seeds=args.seeds,
-            methods=args.methods,
-            steps=args.steps,
-            fgsm_eps=args.fgsm_eps,
-            alphas=alphas,
-            lr=args.lr,
-            accelerator=args.accelerator,
-        )
-        preset = ex.PRESETS[args.dataset]
-        lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}
-        recipe = {
-            "steps": preset.steps if args.steps is None else args.steps,
-            **{f"lr {m}": lr for m, lr in lrs.items()},
-            **{
-                f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items() if m in args.methods
-            },
-        }
-        title = (
-            f"{args.dataset}: seeds {args.seeds}, mean ± std, "
-            + ", ".join(f"{k} {v:g}" for k, v in recipe.items())
-            + f", FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
-        )
-        print(ex.format_table(results, title))
-        if args.out is not None:
-            args.out.write_text(json.dumps(results, indent=2))
+        _run_compare(args)
     elif args.command == "flattening":
         flat = ex.flattening(
             args.dataset, seeds=args.seeds, steps=args.steps, accelerator=args.accelerator
@@ -122,6 +91,41 @@ def run_experiment(argv: Sequence[str]) -> None:
         )
         print("spirals test error %: " + ", ".join(f"{k} {v:.2f}" for k, v in errors.items()))
         print(f"figure written to {args.out}")
+
+
+def _run_compare(args: argparse.Namespace) -> None:
+    from lightning_manifold_mixup import experiments as ex
+
+    alphas = {
+        k: v
+        for k, v in (("input", args.alpha_input), ("manifold", args.alpha_manifold))
+        if v is not None
+    }
+    results = ex.compare(
+        args.dataset,
+        seeds=args.seeds,
+        methods=args.methods,
+        steps=args.steps,
+        fgsm_eps=args.fgsm_eps,
+        alphas=alphas,
+        lr=args.lr,
+        accelerator=args.accelerator,
+    )
+    preset = ex.PRESETS[args.dataset]
+    lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}
+    recipe = {
+        "steps": preset.steps if args.steps is None else args.steps,
+        **{f"lr {m}": lr for m, lr in lrs.items()},
+        **{f"alpha {m}": a for m, a in {**preset.alphas, **alphas}.items() if m in args.methods},
+    }
+    title = (
+        f"{args.dataset}: seeds {args.seeds}, mean ± std, "
+        + ", ".join(f"{k} {v:g}" for k, v in recipe.items())
+        + f", FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
+    )
+    print(ex.format_table(results, title))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
 
 
 EXPERIMENTS = ("compare", "flattening", "spirals")

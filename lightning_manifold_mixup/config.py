@@ -74,6 +74,8 @@ class MixupConfig:
     @classmethod
     def from_arguments(cls, **arguments: Any) -> MixupConfig:
         """Validate every argument at once; raise one error listing each problem and its fix."""
+        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
+        arguments = {**defaults, **arguments}
         problems = _problems(arguments)
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
