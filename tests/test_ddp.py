@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from conftest import MLPClassifier, hand_mlp_loss, make_loader, mlp_with, quiet_trainer
 from helpers import StepRecorder, draws, mixup_of
@@ -38,7 +39,14 @@ class ValidatingMLP(MLPClassifier):
         self.log("val_loss", soft_cross_entropy(self(x), y), sync_dist=True)
 
 
-def _fit(out: Path, tag: str, max_steps: int, ckpt_every: int = 0, ckpt: str | None = None) -> None:
+def _fit(
+    out: Path,
+    tag: str,
+    max_steps: int,
+    ckpt_every: int = 0,
+    ckpt: str | None = None,
+    retry: bool = False,
+) -> None:
     callbacks: list[L.Callback] = [
         RankRecorder(out, tag),
         ManifoldMixupCallback(layers=LAYERS, seed=11),
@@ -55,9 +63,16 @@ def _fit(out: Path, tag: str, max_steps: int, ckpt_every: int = 0, ckpt: str | N
         enable_checkpointing=bool(ckpt_every),
         limit_val_batches=2,
     )
-    trainer.fit(
-        ValidatingMLP(), make_loader(n=48, batch_size=4), make_loader(n=16, seed=1), ckpt_path=ckpt
-    )
+    try:
+        train, val = make_loader(n=48, batch_size=4), make_loader(n=16, seed=1)
+        trainer.fit(ValidatingMLP(), train, val, ckpt_path=ckpt)
+    except ProcessExitedException as err:
+        # A spawned rank can abort in gloo's teardown at interpreter exit, after its work
+        # ("terminate called without an active exception", seen once in about ten runs). The
+        # run is deterministic, so it is repeated once; a second failure is reported.
+        if err.signal_name != "SIGABRT" or retry:
+            raise
+        _fit(out, tag, max_steps, ckpt_every, ckpt, retry=True)
 
 
 def _load(out: Path, tag: str) -> list[list[dict[str, Any]]]:
