@@ -252,8 +252,7 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         self._batch = InFlight(original=y, rows=rows)
         self._hooks.arm()
         if self._hooks.probe is not None and INPUT in self.eligible:
-            check_input_mixable(x, self.config.input_key)
-            _check_input_has_floats(x, rows, self.config.input_key)
+            _check_input(x, rows, self.config.input_key)
         draw = self._draw(rng, alpha, rows, y.device)
         if draw is None:
             self._record.add_unmixed()
@@ -360,7 +359,7 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         where = f"the input at input_key={self.config.input_key!r}"
         mixed, count = self._pairing.mix(x, decision, self._batch.rows, where)
         if count == 0:
-            _check_input_has_floats(x, self._batch.rows, self.config.input_key)
+            _check_input(x, self._batch.rows, self.config.input_key)
         return mixed
 
     def _mix_output(self, name: str, module: nn.Module, output: Any) -> Any:
@@ -559,15 +558,11 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
-def _check_input_has_floats(x: Any, rows: int, input_key: int | str) -> None:
-    """Input mixup needs a floating-point tensor in the input (every batch tensor mixable)."""
-    where = f"the input at input_key={input_key!r}"
-    if map_batch(x, _same, rows, where=where)[1] == 0:
-        raise ValueError(
-            "input mixup needs a floating-point input at "
-            f"input_key={input_key!r}, got {describe(x)}. Remove 'input' from "
-            "layers for integer inputs (token ids) and mix a hidden layer instead."
-        )
+def _check_input(x: Any, rows: int, input_key: int | str) -> None:
+    """Input mixup needs a floating-point tensor to mix (token ids get the way out) and no
+    batch tensor beside it that cannot be mixed (``map_batch`` refuses those)."""
+    check_input_mixable(x, input_key)
+    map_batch(x, _same, rows, where=f"the input at input_key={input_key!r}")
 
 
 def _no_float_output(name: str, output: Any, rows: int) -> str:
