@@ -7,6 +7,8 @@ differ:
   plain        a minimal LightningModule: cross-entropy, no logging
   plain_log    plain + ``self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)``
                as most users write it (the baseline of the ratios)
+  plain+empty  plain_log + an empty ``lightning.Callback``: what Lightning charges for any
+               callback (it calls every hook of every callback), the floor under plain+cb
   plain+cb     plain_log + ``ManifoldMixupCallback`` with its defaults (``log=True``)
   mixin        ``MixupClassifier`` (the mixin's default ``training_step``), no callback
   mixin+cb     ``MixupClassifier`` + ``ManifoldMixupCallback`` (defaults)
@@ -47,7 +49,7 @@ from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.classifier import MixupClassifier
 from lightning_manifold_mixup.models import MLP, PreActResNet18
 
-VARIANTS = ("plain", "plain_log", "plain+cb", "mixin", "mixin+cb", "inline")
+VARIANTS = ("plain", "plain_log", "plain+empty", "plain+cb", "mixin", "mixin+cb", "inline")
 
 
 class Plain(L.LightningModule):
@@ -177,6 +179,8 @@ def run_fit(variant: str, cfg: dict[str, Any], device: torch.device, args: Any) 
     loader = DataLoader(Batches(batches * (steps // 16 + 1)), batch_size=None, shuffle=False)
     timer = StepTimer(args.warmup, device)
     callbacks: list[L.Callback] = [timer]
+    if variant.endswith("+empty"):
+        callbacks.append(L.Callback())
     if variant.endswith("+cb"):
         callbacks.append(ManifoldMixupCallback(layers=cfg["layers"], seed=0, num_classes=10))
     with tempfile.TemporaryDirectory() as logdir:

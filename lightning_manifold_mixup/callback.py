@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -35,7 +34,13 @@ from lightning_manifold_mixup.config import (
 )
 from lightning_manifold_mixup.hf import MaskUnion, check_input_mixable, guard_hf_labels
 from lightning_manifold_mixup.hooks import HookSet
-from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
+from lightning_manifold_mixup.layers import (
+    INPUT,
+    candidate_layers,
+    named_layers,
+    resolve_layers,
+    uses_compile,
+)
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, find_num_classes
 from lightning_manifold_mixup.mixing import (
     Draw,
@@ -44,6 +49,8 @@ from lightning_manifold_mixup.mixing import (
     cutmix_box,
     cutmix_lam,
     cutmix_tensor,
+    host_to_device,
+    is_batch_major,
     map_batch,
     sample_decision,
 )
@@ -171,6 +178,8 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         self.summary: dict[str, Any] = {}
         self._stream = DecisionStream(self.config.seed)
         self._hooks = HookSet()
+        self._batch_major: dict[str, bool] = {}  # per hooked layer: outputs batch on axis 0
+        self._compiled = False  # compiled forwards take lam as a tensor, made before they run
         self._record = MixRecord([])
         self._pairing = LocalPairing(0)
         self._targets = TargetMixer(self.config.targets, self.config.num_classes)
@@ -197,7 +206,6 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         """The alpha used for the current batch (schedule, warmup and stop_epoch applied)."""
         return alpha_at(self.config, trainer, batches_done=self._stream.step)
 
-    # ------------------------------------------------------------------ fit lifecycle
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -257,9 +265,9 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         if draw is None:
             self._record.add_unmixed()
             return
-        decision, box, self._batch.box_lam = decide(draw, self.eligible, x, y.device)
+        decision, box, self._batch.box_lam = decide(draw, self.eligible, x, y, self._compiled)
         partner = self._pairing.partner_targets(y, decision.index)
-        target = self._targets.mix(y, decision.lam, decision.index, partner)
+        target = self._targets.mix(y, decision.lam_arg, decision.index, partner)
         self._masks.apply(batch, x, decision.layer, decision.index, self._pairing.gather)
         if decision.layer == INPUT:
             set_entry(batch, self.config.input_key, self._mix_input(x, decision, box), pl_module)
@@ -333,7 +341,6 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._stream.load_state_dict(state_dict)
 
-    # ------------------------------------------------------------------ parts of a batch
     def _draw(self, rng: np.random.Generator, alpha: float, rows: int, device: Any) -> Any:
         """The host-side draw for this batch (this rank's rows of it under global pairing)."""
         config = self.config
@@ -369,7 +376,8 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         if decision.box_center is not None:
             return self._cutmix_output(name, output, decision)
         rows = decision.index.shape[0]
-        mixed, count = self._pairing.mix(output, decision, rows, f"layer {name!r}", module)
+        where, batch_major = f"layer {name!r}", self._batch_major[name]
+        mixed, count = self._pairing.mix(output, decision, rows, where, module, batch_major)
         if count == 0:
             raise ValueError(_no_float_output(name, output, rows))
         return mixed
@@ -416,6 +424,8 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
     def _install_hooks(self, pl_module: pl.LightningModule) -> None:
         modules = named_layers(pl_module)
         hooked = {name: modules[name] for name in self.eligible if name != INPUT}
+        self._batch_major = {name: is_batch_major(module) for name, module in hooked.items()}
+        self._compiled = uses_compile(pl_module)
         self._hooks.install(
             pl_module, hooked, self._mix_output, self._check_output, self._mixing_at
         )
@@ -516,22 +526,13 @@ def _builds_layers_later(pl_module: pl.LightningModule) -> bool:
     return own_setup or is_overridden("configure_model", pl_module)
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
-    """A host array on ``device`` without a synchronising copy: through pinned memory on CUDA
-    (the caching host allocator keeps the buffer until the copy has run)."""
-    t = torch.from_numpy(array)
-    if device.type == "cpu":
-        return t
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 def decide(
-    draw: Draw, eligible: list[str], x: Any, device: torch.device
+    draw: Draw, eligible: list[str], x: Any, y: Tensor, compiled: bool
 ) -> tuple[MixDecision, tuple[int, int, int, int] | None, float]:
-    """The decision of a draw on ``device``, the input CutMix box (or None) and the drawn lam
-    that sets a CutMix box's size (1.0 without CutMix)."""
+    """The decision of a draw on the targets' device, the input CutMix box (or None) and the
+    drawn lam that sets a CutMix box's size (1.0 without CutMix). ``compiled``: the lam tensor
+    is made now, before a compiled forward reads it (inside, it would be traced)."""
+    device = y.device
     layer = eligible[draw.layer]
     center = draw.box_center if draw.cutmix else None
     lam, box, box_lam = draw.lam, None, 1.0
@@ -541,8 +542,11 @@ def decide(
         if layer == INPUT:
             box = _input_box(x, box_lam, center)
             lam = np.asarray(cutmix_lam(x.shape[-2], x.shape[-1], box), dtype=np.float32)
-    index = _to_device(draw.perm, device)
-    return MixDecision(layer, draw.layer, _to_device(lam, device), index, center), box, box_lam
+    index = host_to_device(draw.perm, device)
+    decision = MixDecision(layer, draw.layer, index, lam, device, center)
+    if compiled:
+        decision.lam  # noqa: B018 (a cached property: this makes it)
+    return decision, box, box_lam
 
 
 def _input_box(x: Any, lam: float, center: tuple[float, float]) -> tuple[int, int, int, int]:

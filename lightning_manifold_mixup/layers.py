@@ -113,6 +113,18 @@ def unwrap_module(module: nn.Module) -> nn.Module:
         module = inner
 
 
+def uses_compile(pl_module: nn.Module) -> bool:
+    """Whether any forward of ``pl_module`` runs under ``torch.compile``: the module given to
+    ``Trainer.fit`` was compiled, or a submodule was (``torch.compile(m)``, ``m.compile()``)."""
+    if getattr(pl_module, "_compiler_ctx", None) is not None:
+        return True
+    return any(
+        isinstance(getattr(m, "_orig_mod", None), nn.Module)
+        or getattr(m, "_compiled_call_impl", None) is not None
+        for m in pl_module.modules()
+    )
+
+
 def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, child in unwrap_module(module).named_children():
         yield name, unwrap_module(child)

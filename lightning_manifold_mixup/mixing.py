@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -50,21 +51,61 @@ class MixDecision:
     Attributes:
         layer: name of the mixed layer, ``"input"`` for input mixup.
         layer_index: position of ``layer`` in the eligible set.
-        lam: float32 tensor, shape ``()`` (``lam_mode="batch"``) or ``(B,)`` (``"sample"``).
         index: ``(B,)`` int64; row ``i`` is mixed with row ``index[i]``. With
             ``pairing="local"`` (or a single process) a permutation of ``range(B)``; with
             ``pairing="global"`` in a distributed run, indices into the global batch (every
             rank's ``B`` rows concatenated in rank order, ``world_size * B`` rows), drawn from
             one permutation shared by all ranks.
+        host_lam: the drawn lam on the host, float32, shape ``()`` or ``(B,)``.
+        device: where ``lam`` lives.
         box_center: for CutMix batches, the box centre as fractions of (H, W); else None.
             ``lam`` is then the kept area fraction, set when the layer's size is known.
+        lam: float32 tensor on ``device``, shape ``()`` (``lam_mode="batch"``) or ``(B,)``
+            (``"sample"``); made on first use (the default path never needs it).
+        weight: lam as a Python number when one lam holds for the whole batch and is final
+            (no CutMix); None otherwise. Operations take it as an argument, so it needs no
+            tensor and no copy to the device.
     """
 
     layer: str
     layer_index: int
-    lam: Tensor
     index: Tensor
+    host_lam: np.ndarray
+    device: torch.device
     box_center: tuple[float, float] | None = None
+
+    @functools.cached_property
+    def lam(self) -> Tensor:
+        return host_to_device(self.host_lam, self.device)
+
+    @property
+    def lam_arg(self) -> Tensor | float:
+        """lam in the cheapest form the mixing functions take: ``weight`` if there is one.
+
+        Under ``torch.compile`` the tensor: a number would be a constant of the traced graph,
+        so every new lam would compile a new one.
+        """
+        if torch.compiler.is_compiling():
+            return self.lam
+        weight = self.weight
+        return self.lam if weight is None else weight
+
+    @functools.cached_property
+    def weight(self) -> float | None:
+        if self.host_lam.ndim or self.box_center is not None:
+            return None
+        return float(self.host_lam)
+
+
+def host_to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host array on ``device`` without a synchronising copy: through pinned memory on CUDA
+    (the caching host allocator keeps the buffer until the copy has run)."""
+    t = torch.from_numpy(array)
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 class Draw(NamedTuple):
@@ -118,7 +159,8 @@ def sample_decision(
     size = batch_size if lam_mode == "sample" else None
     lam = rng.beta(alpha, alpha, size=size) if alpha > 0 else np.ones(size or ())
     index = rng.permutation(batch_size)
-    cut_u, cy, cx = rng.random(3)
+    # CutMix's draws come last, so skipping them without CutMix changes no other draw.
+    cut_u, cy, cx = rng.random(3) if cutmix_prob > 0 else (1.0, 0.5, 0.5)
     if u >= probability or alpha <= 0:
         return None
     lam = np.asarray(lam, dtype=np.float32)
@@ -179,9 +221,9 @@ def cutmix_tensor(h: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> T
 class _PermuteRows(torch.autograd.Function):
     """``x[index]`` for a permutation ``index``, with a gather (not a scatter-add) backward.
 
-    The gradient of a row permutation is the inverse permutation of the gradient; computing it
-    as a gather is faster on the CPU than the scatter-add autograd uses for ``x[index]``
-    (``benchmarks/mixing.py``) and deterministic on every device.
+    The gradient of a row permutation is the inverse permutation of the gradient; on the CPU a
+    gather computes it faster than the scatter-add autograd uses for ``x[index]`` once the
+    tensor is not tiny (about 1.5x at 32k elements, 2x from 128k; one core).
     """
 
     @staticmethod
@@ -197,8 +239,16 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None
 
 
+# Below this many elements a custom autograd function costs more host time than its gather
+# backward saves (CPU, one core); on accelerators the scatter-add backward is as fast.
+_GATHER_BACKWARD_MIN = 16384
+
+
 def permute_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` along dim 0 for a permutation ``index`` (see :class:`_PermuteRows`).
+    """``x[index]`` along dim 0 for a permutation ``index``.
+
+    The backward is exact and deterministic on every device (each row receives exactly one
+    gradient row); large CPU tensors take a gather backward (:class:`_PermuteRows`).
 
     Example:
         >>> permute_rows(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([2, 0, 1]))
@@ -207,7 +257,7 @@ def permute_rows(x: Tensor, index: Tensor) -> Tensor:
                 [2.]])
     """
     index = index.to(x.device)
-    if x.requires_grad:
+    if x.requires_grad and x.device.type == "cpu" and x.numel() >= _GATHER_BACKWARD_MIN:
         out: Tensor = _PermuteRows.apply(x, index)
         return out
     return x.index_select(0, index)
@@ -222,7 +272,7 @@ def _lam_like(lam: Tensor, h: Tensor) -> Tensor:
 
 
 def mix_with_partner(
-    h: Tensor, partner: Tensor, lam: Tensor, *, overwrite_partner: bool = False
+    h: Tensor, partner: Tensor, lam: Tensor | float, *, overwrite_partner: bool = False
 ) -> Tensor:
     """Return ``lam * h + (1 - lam) * partner``, the one place the mixing formula lives.
 
@@ -230,21 +280,23 @@ def mix_with_partner(
         h: ``(B, ...)`` floating tensor of any rank.
         partner: the rows ``h`` is mixed with, same shape and dtype as ``h`` (``h[index]`` for
             local pairing, rows gathered from every rank for global pairing).
-        lam: float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is broadcast over every
-            non-batch dimension.
+        lam: a Python number, or a float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is
+            broadcast over every non-batch dimension. A number costs no tensor operation of
+            its own (the operations take it as an argument).
         overwrite_partner: ``partner`` is a fresh tensor nobody else reads (the output of an
             ``index_select``) and may be reused for the result, saving one transient tensor.
 
     Returns:
         A tensor with the shape, dtype and device of ``h``. In float32/float64 it is the
-        formula above, operation for operation. In float16/bfloat16 it is ``torch.lerp``, which
-        evaluates the same convex combination in float32 internally (with lam rounded to
-        ``h``'s dtype): float16 values up to the float16 maximum never overflow to inf, which the
-        formula in float16 can do when the two rounded weights sum to slightly more than 1.
+        formula above, operation for operation, with lam and ``1 - lam`` rounded to float32
+        (a number gives the same values as a float32 tensor holding it). In float16/bfloat16
+        it is ``torch.lerp``, which evaluates the same convex combination in float32
+        internally (a tensor lam is rounded to ``h``'s dtype first, a number is not): float16
+        values up to the float16 maximum never overflow to inf, which the formula in float16
+        can do when the two rounded weights sum to slightly more than 1.
 
     Example:
-        >>> mix_with_partner(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]),
-        ...                  torch.tensor(0.75))
+        >>> mix_with_partner(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.75)
         tensor([[0.7500, 0.2500]])
     """
     if not h.is_floating_point():
@@ -254,23 +306,31 @@ def mix_with_partner(
             f"partner must match h: got {partner.dtype} {tuple(partner.shape)} for h "
             f"{h.dtype} {tuple(h.shape)}"
         )
-    lam = _lam_like(lam, h)
-    if h.element_size() < 4:
-        return torch.lerp(partner, h, lam.to(h.dtype))
+    own: Tensor | float
+    other: Tensor | float
+    if isinstance(lam, Tensor):
+        lam = _lam_like(lam, h)
+        if h.element_size() < 4:
+            return torch.lerp(partner, h, lam.to(h.dtype))
+        own, other = lam.to(h.dtype), (1.0 - lam).to(h.dtype)
+    else:
+        if h.element_size() < 4:
+            return torch.lerp(partner, h, lam)
+        # float32 rounding of both weights, as a float32 lam tensor gives.
+        own, other = float(np.float32(lam)), float(np.float32(1.0) - np.float32(lam))
     # Scaling the partner first and adding in place keeps one transient tensor instead of
     # three; addition commutes, so this is the formula's value bit for bit.
-    weight = (1.0 - lam).to(h.dtype)
-    out = partner.mul_(weight) if overwrite_partner else partner * weight
-    return out.add_(h * lam.to(h.dtype))
+    out = partner.mul_(other) if overwrite_partner else partner * other
+    return out.add_(h * own)
 
 
-def mix_tensor(h: Tensor, lam: Tensor, index: Tensor) -> Tensor:
+def mix_tensor(h: Tensor, lam: Tensor | float, index: Tensor) -> Tensor:
     """Return ``lam * h + (1 - lam) * h[index]`` (see :func:`mix_with_partner`).
 
     Args:
         h: ``(B, ...)`` floating tensor of any rank.
-        lam: float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is broadcast over every
-            non-batch dimension.
+        lam: a Python number, or a float tensor of shape ``()`` or ``(B,)``; a ``(B,)`` lam is
+            broadcast over every non-batch dimension.
         index: ``(B,)`` int64 permutation.
     """
     return mix_with_partner(h, permute_rows(h, index), lam, overwrite_partner=True)
@@ -371,6 +431,15 @@ def batch_first_of(module: nn.Module) -> bool | None:
     return value if isinstance(value, bool) else None
 
 
+def is_batch_major(module: nn.Module) -> bool:
+    """Whether every tensor ``module`` returns holds the batch on axis 0, as far as its type
+    and :func:`batch_first_of` tell (RNN and attention layouts are not: they need the walk)."""
+    inner = unwrap_module(module)
+    if isinstance(inner, (nn.RNNBase, nn.MultiheadAttention)):
+        return False
+    return batch_first_of(inner) is not False
+
+
 def map_batch(
     obj: Any,
     fn: Callable[[Tensor], Tensor],
@@ -453,18 +522,30 @@ def map_batch(
 
 def mix_batch(
     obj: Any,
-    lam: Tensor,
+    lam: Tensor | float,
     index: Tensor,
     batch_size: int,
     *,
     where: str,
     module: nn.Module | None = None,
+    batch_major: bool = False,
 ) -> tuple[Any, int]:
     """:func:`map_batch` with the mix ``lam * h + (1 - lam) * h[index]`` along each batch axis.
 
     ``lam`` is ``()`` or ``(B,)`` (broadcast over the other axes of each tensor), ``index`` is
-    the ``(B,)`` permutation. Returns the mixed structure and how many tensors were mixed.
+    the ``(B,)`` permutation (``lam`` may also be a Python number, see
+    :func:`mix_with_partner`). ``batch_major=True`` says ``module`` is known to put the batch
+    on axis 0 (:func:`is_batch_major`), so a tensor output is mixed without the layout walk.
+    Returns the mixed structure and how many tensors were mixed.
     """
+    if (
+        (module is None or batch_major)
+        and isinstance(obj, Tensor)
+        and obj.ndim
+        and obj.shape[0] == batch_size
+        and obj.is_floating_point()
+    ):
+        return mix_tensor(obj, lam, index), 1  # the common case, without the generic walk
     return map_batch(
         obj, lambda h: mix_tensor(h, lam, index), batch_size, where=where, module=module
     )
@@ -620,7 +701,7 @@ def one_hot_pair(y_a: Tensor, y_b: Tensor, lam: Tensor, num_classes: int) -> Ten
 
 def mix_targets(
     y: Tensor,
-    lam: Tensor,
+    lam: Tensor | float,
     index: Tensor,
     *,
     num_classes: int | None = None,
@@ -643,7 +724,7 @@ def mix_targets(
 def mix_targets_with_partner(
     y: Tensor,
     y_partner: Tensor,
-    lam: Tensor,
+    lam: Tensor | float,
     *,
     num_classes: int | None = None,
     pair: bool = False,
@@ -655,9 +736,17 @@ def mix_targets_with_partner(
     """
     if y.is_floating_point():
         return mix_with_partner(y, y_partner.to(y.device), lam)
+    lam = lam_tensor(lam, y.device)
     if pair:
-        lam = lam.to(device=y.device, dtype=torch.float32)
         return MixedTarget(y, y_partner.to(y.device), lam)
     if num_classes is None:
         raise ValueError("integer targets need num_classes to be turned into soft targets")
     return one_hot_pair(y, y_partner, lam, num_classes)
+
+
+def lam_tensor(lam: Tensor | float, device: torch.device) -> Tensor:
+    """lam as a float32 tensor on ``device``; a number becomes one by a fill on the device
+    (no copy from the host)."""
+    if isinstance(lam, Tensor):
+        return lam.to(device=device, dtype=torch.float32)
+    return torch.full((), lam, dtype=torch.float32, device=device)

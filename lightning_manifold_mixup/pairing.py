@@ -47,9 +47,23 @@ class LocalPairing:
         return None
 
     def mix(
-        self, obj: Any, decision: MixDecision, batch_size: int, where: str, module: Any = None
+        self,
+        obj: Any,
+        decision: MixDecision,
+        batch_size: int,
+        where: str,
+        module: Any = None,
+        batch_major: bool = False,
     ) -> tuple[Any, int]:
-        return mix_batch(obj, decision.lam, decision.index, batch_size, where=where, module=module)
+        return mix_batch(
+            obj,
+            decision.lam_arg,
+            decision.index,
+            batch_size,
+            where=where,
+            module=module,
+            batch_major=batch_major,
+        )
 
 
 class GlobalPairing(LocalPairing):
@@ -78,7 +92,13 @@ class GlobalPairing(LocalPairing):
         return _global_rows
 
     def mix(
-        self, obj: Any, decision: MixDecision, batch_size: int, where: str, module: Any = None
+        self,
+        obj: Any,
+        decision: MixDecision,
+        batch_size: int,
+        where: str,
+        module: Any = None,
+        batch_major: bool = False,
     ) -> tuple[Any, int]:
         return map_batch(
             obj, lambda h: _mix_across_ranks(h, decision), batch_size, where=where, module=module
@@ -165,7 +185,7 @@ def _mix_across_ranks(h: Tensor, decision: MixDecision) -> Tensor:
     """``lam * h + (1 - lam) * global_h[index]`` for a hidden state, gradients to every rank."""
     global_h: Tensor = _GatherRows.apply(h) if h.requires_grad else _global_rows(h)
     partner = global_h.index_select(0, decision.index.to(h.device))
-    return mix_with_partner(h, partner, decision.lam, overwrite_partner=True)
+    return mix_with_partner(h, partner, decision.lam_arg, overwrite_partner=True)
 
 
 def _check_equal_batch_sizes(batch_size: int, device: torch.device) -> None:

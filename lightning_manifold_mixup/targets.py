@@ -7,7 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_manifold_mixup.mixing import MixedTarget, mix_targets, mix_targets_with_partner
+from lightning_manifold_mixup.mixing import (
+    MixedTarget,
+    lam_tensor,
+    mix_targets,
+    mix_targets_with_partner,
+    mix_tensor,
+)
 
 
 class TargetMixer:
@@ -30,15 +36,20 @@ class TargetMixer:
         self.mode = mode
         self.num_classes = num_classes
         self.checked = False
+        self._eye: Tensor | None = None
 
-    def mix(self, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None = None) -> Any:
-        """Mixed targets; ``partner`` holds the partner rows when they come from other ranks."""
+    def mix(
+        self, y: Tensor, lam: Tensor | float, index: Tensor, partner: Tensor | None = None
+    ) -> Any:
+        """Mixed targets; ``lam`` is a float tensor of shape ``()`` or ``(B,)`` or a Python
+        number; ``partner`` holds the partner rows when they come from other ranks."""
         if y.is_floating_point():
             if partner is not None:
                 return mix_targets_with_partner(y, partner, lam)
             return mix_targets(y, lam, index)
         y, partner = _class_labels(y), None if partner is None else _class_labels(partner)
         if self.mode == "pair":
+            lam = lam_tensor(lam, y.device)
             if partner is not None:
                 return mix_targets_with_partner(y, partner, lam, pair=True)
             return mix_targets(y, lam, index, pair=True)
@@ -49,12 +60,24 @@ class TargetMixer:
             self.checked = True
             check_label_range(labels, num_classes)
         try:
-            if partner is not None:
-                return mix_targets_with_partner(y, partner, lam, num_classes=num_classes)
-            return mix_targets(y, lam, index, num_classes=num_classes)
-        except RuntimeError:
+            return self._soft(y, lam, index, partner, num_classes)
+        except (RuntimeError, IndexError):
             check_label_range(labels, num_classes)
             raise
+
+    def _soft(
+        self, y: Tensor, lam: Tensor | float, index: Tensor, partner: Tensor | None, classes: int
+    ) -> Any:
+        if partner is None and not isinstance(lam, Tensor) and classes <= _EYE_MAX_CLASSES:
+            # One-hot rows from a cached identity and one mix: the values of one_hot_pair
+            # bit for bit (one term is 0 wherever the labels differ, addition commutes).
+            if self._eye is None or self._eye.shape[0] != classes or self._eye.device != y.device:
+                self._eye = torch.eye(classes, dtype=torch.float32, device=y.device)
+            return mix_tensor(self._eye.index_select(0, y), lam, index)
+        lam = lam_tensor(lam, y.device)
+        if partner is not None:
+            return mix_targets_with_partner(y, partner, lam, num_classes=classes)
+        return mix_targets(y, lam, index, num_classes=classes)
 
     def correct(self, target: Any, original: Tensor, lam: Tensor, index: Tensor) -> None:
         """Rewrite ``target`` in place for a lam fixed later (CutMix's kept area)."""
@@ -71,6 +94,10 @@ class TargetMixer:
                 "LightningModule, or save it with self.save_hyperparameters()"
             )
         return self.num_classes
+
+
+# Soft targets of up to this many classes are rows of a cached identity matrix (4 MiB).
+_EYE_MAX_CLASSES = 1024
 
 
 def _class_labels(y: Tensor) -> Tensor:

@@ -164,19 +164,6 @@ def test_half_precision_mixing_of_values_near_the_maximum_stays_finite(dtype: to
         assert out.dtype == dtype
 
 
-def test_permute_rows_matches_indexing_in_value_and_gradient() -> None:
-    from lightning_manifold_mixup.mixing import permute_rows
-
-    h = torch.randn(7, 3, 2, requires_grad=True)
-    index = torch.randperm(7)
-    weight = torch.randn(7, 3, 2)
-    (grad_ref,) = torch.autograd.grad((h[index] * weight).sum(), h)
-    out = permute_rows(h, index)
-    (grad,) = torch.autograd.grad((out * weight).sum(), h)
-    torch.testing.assert_close(out, h[index], rtol=0, atol=0)
-    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
-
-
 # --------------------------------------------------------------------------- batch axes
 # B = 4 everywhere below, and the layer count, sequence length or both equal B too, so a mix
 # along the wrong axis has the right shape and only the values tell it apart.

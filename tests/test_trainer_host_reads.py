@@ -41,7 +41,7 @@ class _Reads(TorchDispatchMode):
     On the CPU every tensor lives on the host, so the mode models the device: a tensor is
     "host" when it came from an explicit copy to the CPU (``t.to("cpu", copy=True)``, the one
     way to fetch a value) or was computed from host tensors only; reading a host tensor is
-    free. Tensors made from numpy arrays by the callback's ``_to_device`` are exempt: on CUDA
+    free. Tensors made from numpy arrays by the package's ``host_to_device`` are exempt: on CUDA
     that helper pins the buffer and copies it asynchronously.
     """
 
@@ -69,7 +69,7 @@ class _Reads(TorchDispatchMode):
             self._mark(out)
         elif tensors and all(self._is_host(t) for t in tensors):
             self._mark(out)
-        elif name in HOST_READS and not _called_from("_to_device"):
+        elif name in HOST_READS and not _called_from("host_to_device"):
             self.ops.append(name)
         return out
 
