@@ -9,7 +9,7 @@ import pytest
 
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.classifier import MixupClassifier
-from lightning_manifold_mixup.cli import MixupCLI, main
+from lightning_manifold_mixup.cli import MixupCLI, _experiment_parser, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHORT = [
@@ -100,6 +100,30 @@ def test_compare_title_states_the_recipe_with_overrides(capsys: pytest.CaptureFi
     title = capsys.readouterr().out.splitlines()[0]
     assert title.startswith("spirals: seeds [0, 7]")
     assert "steps 3, lr manifold 0.05, alpha manifold 0.5, FGSM" in title
+
+
+def test_compare_refits_by_default_and_reports_no_validation_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    main(["compare", "--dataset", "spirals", "--seeds", "3,", "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "refit on train + validation" in out.splitlines()[0]
+    assert "val error %" not in out  # it would be the test error under another name
+
+
+def test_compare_holdout_reports_the_validation_error(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["compare", "--dataset", "spirals", "--seeds", "3,", "--steps", "2", "--holdout"])
+    out = capsys.readouterr().out
+    assert "validation split held out" in out.splitlines()[0]
+    assert "val error %" in out
+
+
+def test_default_seeds_are_ones_the_search_did_not_use() -> None:
+    parser = _experiment_parser()
+    assert parser.parse_args(["compare"]).seeds == [10, 11, 12]
+    assert not parser.parse_args(["compare"]).holdout
+    assert parser.parse_args(["flattening", "--holdout"]).holdout
+    assert parser.parse_args(["spirals", "--holdout"]).holdout
 
 
 def test_compare_rejects_an_unknown_dataset() -> None:

@@ -1,4 +1,5 @@
-"""The built-in experiments: recipes that resolve, a cosine schedule, runs that repeat."""
+"""The built-in experiments: recipes that resolve, a cosine schedule, runs that repeat, and the
+search (validation split held out) and test (refit on train + validation) protocols."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from lightning_manifold_mixup.experiments import (
     evaluate,
     flattening,
     flattening_preset,
+    format_table,
+    has_holdout,
     train,
 )
 from lightning_manifold_mixup.layers import resolve_layers
@@ -99,3 +102,47 @@ def test_flattening_measures_every_method_on_the_training_set_in_order() -> None
         )
         assert 0 < per_class < together and relative > 0
         assert len(r["spectrum"]) == 32 and len(r["test_err"]) == 1
+
+
+# Training samples with the validation split held out (search) and after the refit (test).
+SPLIT_SIZES = {
+    "mnist1d": (3600, 4000),
+    "mnist1d_mlp": (3600, 4000),
+    "digits": (1294, 1438),
+    "spirals": (3000, 3600),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_the_refit_trains_on_training_and_validation_data_together(name: str) -> None:
+    held, refit = PRESETS[name].datamodule(3, True), PRESETS[name].datamodule(3, False)
+    held.setup("fit")
+    refit.setup("fit")
+    assert (len(held.train_set), len(refit.train_set)) == SPLIT_SIZES[name]
+    assert has_holdout(held) and len(held.train_set) + len(held.val_set) == len(refit.train_set)
+    # After the refit Lightning's "validation" set is the test set: nothing to choose from.
+    assert not has_holdout(refit) and refit.val_set is refit.test_set
+    assert len(refit.test_set) == len(held.test_set)
+
+
+def test_train_refits_by_default_and_holds_out_on_request() -> None:
+    _, refit = train("spirals", "none", seed=0, steps=2)
+    _, held = train("spirals", "none", seed=0, steps=2, holdout=True)
+    assert len(refit.train_set) == 3600 and not has_holdout(refit)
+    assert len(held.train_set) == 3000 and len(held.val_set) == 600
+
+
+def test_only_a_held_out_split_gives_a_validation_error() -> None:
+    refit_model, refit = train("spirals", "manifold", seed=1, steps=2)
+    held_model, held = train("spirals", "manifold", seed=1, steps=2, holdout=True)
+    assert "val_err" not in evaluate(refit_model, refit, 0.0)
+    metrics = evaluate(held_model, held, 0.0)
+    assert 0.0 <= metrics["val_err"] <= 100.0 and metrics["val_err"] != metrics["test_err"]
+
+
+def test_the_table_has_a_validation_column_only_when_every_run_has_one() -> None:
+    run = {"test_err": 1.0, "test_nll": 0.1, "test_ece": 0.0, "fgsm_acc": 50.0}
+    assert "val error %" not in format_table({"none": [run, run]}, "t")
+    held = {**run, "val_err": 2.0}
+    assert "val error %" in format_table({"none": [held, held]}, "t")
+    assert "val error %" not in format_table({"none": [held, run]}, "t")

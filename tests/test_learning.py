@@ -54,5 +54,5 @@ def test_training_with_manifold_mixup_learns_digits() -> None:
 
 def test_the_mnist1d_preset_recipe_learns_in_a_shortened_run() -> None:
     # The preset's own recipe (cosine decay, lr, alpha, eligible layers), cut to 500 steps.
-    model, dm = train("mnist1d", "manifold", seed=0, steps=500)
+    model, dm = train("mnist1d", "manifold", seed=0, steps=500, holdout=True)
     assert evaluate(model, dm, 0.0)["val_err"] < 35.0  # chance is 90; 6000 steps give ~3
