@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -373,11 +374,12 @@ class ManifoldMixupCallback(_ArgumentAttributes, pl.Callback):
         """The forward hook's work for the chosen layer: its output, mixed."""
         decision = self.current
         assert decision is not None and self._batch is not None
+        # Traced (e.g. a forward compiled as a function): later batches make lam a tensor first.
+        self._compiled = self._compiled or torch.compiler.is_compiling()
         if decision.box_center is not None:
             return self._cutmix_output(name, output, decision)
-        rows = decision.index.shape[0]
-        where, batch_major = f"layer {name!r}", self._batch_major[name]
-        mixed, count = self._pairing.mix(output, decision, rows, where, module, batch_major)
+        rows, where, major = decision.index.shape[0], f"layer {name!r}", self._batch_major[name]
+        mixed, count = self._pairing.mix(output, decision, rows, where, module, major)
         if count == 0:
             raise ValueError(_no_float_output(name, output, rows))
         return mixed
@@ -543,7 +545,7 @@ def decide(
             box = _input_box(x, box_lam, center)
             lam = np.asarray(cutmix_lam(x.shape[-2], x.shape[-1], box), dtype=np.float32)
     index = host_to_device(draw.perm, device)
-    decision = MixDecision(layer, draw.layer, index, lam, device, center)
+    decision = MixDecision(layer, draw.layer, index, center, host_lam=lam, device=device)
     if compiled:
         decision.lam  # noqa: B018 (a cached property: this makes it)
     return decision, box, box_lam

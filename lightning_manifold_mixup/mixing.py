@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -70,9 +70,9 @@ class MixDecision:
     layer: str
     layer_index: int
     index: Tensor
-    host_lam: np.ndarray
-    device: torch.device
     box_center: tuple[float, float] | None = None
+    host_lam: np.ndarray = field(kw_only=True, compare=False)
+    device: torch.device = field(kw_only=True, compare=False)
 
     @functools.cached_property
     def lam(self) -> Tensor:
@@ -85,8 +85,8 @@ class MixDecision:
         Under ``torch.compile`` the tensor: a number would be a constant of the traced graph,
         so every new lam would compile a new one.
         """
-        if torch.compiler.is_compiling():
-            return self.lam
+        if torch.compiler.is_compiling() or "lam" in self.__dict__:
+            return self.lam  # made already (for a compiled forward): one form per batch
         weight = self.weight
         return self.lam if weight is None else weight
 
@@ -159,8 +159,7 @@ def sample_decision(
     size = batch_size if lam_mode == "sample" else None
     lam = rng.beta(alpha, alpha, size=size) if alpha > 0 else np.ones(size or ())
     index = rng.permutation(batch_size)
-    # CutMix's draws come last, so skipping them without CutMix changes no other draw.
-    cut_u, cy, cx = rng.random(3) if cutmix_prob > 0 else (1.0, 0.5, 0.5)
+    cut_u, cy, cx = rng.random(3)
     if u >= probability or alpha <= 0:
         return None
     lam = np.asarray(lam, dtype=np.float32)
@@ -291,7 +290,7 @@ def mix_with_partner(
         formula above, operation for operation, with lam and ``1 - lam`` rounded to float32
         (a number gives the same values as a float32 tensor holding it). In float16/bfloat16
         it is ``torch.lerp``, which evaluates the same convex combination in float32
-        internally (a tensor lam is rounded to ``h``'s dtype first, a number is not): float16
+        internally (with lam rounded to ``h``'s dtype first): float16
         values up to the float16 maximum never overflow to inf, which the formula in float16
         can do when the two rounded weights sum to slightly more than 1.
 
@@ -314,8 +313,8 @@ def mix_with_partner(
             return torch.lerp(partner, h, lam.to(h.dtype))
         own, other = lam.to(h.dtype), (1.0 - lam).to(h.dtype)
     else:
-        if h.element_size() < 4:
-            return torch.lerp(partner, h, lam)
+        if h.element_size() < 4:  # lam rounded to h's dtype, as a tensor lam is
+            return torch.lerp(partner, h, torch.tensor(lam).to(h.dtype).item())
         # float32 rounding of both weights, as a float32 lam tensor gives.
         own, other = float(np.float32(lam)), float(np.float32(1.0) - np.float32(lam))
     # Scaling the partner first and adding in place keeps one transient tensor instead of

@@ -49,14 +49,18 @@ def test_number_lam_mixes_bit_for_bit_like_a_float32_tensor(dtype: torch.dtype) 
         assert torch.equal(got, by_hand), value
 
 
-def test_number_lam_in_bfloat16_is_the_convex_combination_in_float32() -> None:
-    h = torch.randn(8, 5).bfloat16()
-    partner = torch.randn(8, 5).bfloat16()
-    lam = 0.3
-    got = mix_with_partner(h, partner, lam)
-    expected = (lam * h.float() + (1 - lam) * partner.float()).bfloat16()
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_number_lam_in_half_precision_equals_the_tensor_form(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(64, 32, generator=g).to(dtype)
+    partner = torch.randn(64, 32, generator=g).to(dtype)
+    for value in LAMS + [float(v) for v in torch.rand(20, generator=g)]:
+        lam32 = torch.tensor(value, dtype=torch.float32)
+        got = mix_with_partner(h, partner, float(lam32))
+        assert got.dtype == dtype
+        assert torch.equal(got, mix_with_partner(h, partner, lam32)), value
+        expected = lam32 * h.float() + (1 - lam32) * partner.float()
+        torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("num_classes", [3, 10])
@@ -106,6 +110,22 @@ def test_batch_major_tensor_outputs_skip_the_walk_with_the_same_values() -> None
     assert is_batch_major(nn.TransformerEncoderLayer(4, 2, batch_first=True))
 
 
+def test_batch_major_tensor_output_is_mixed_without_the_walk(monkeypatch: Any) -> None:
+    import lightning_manifold_mixup.mixing as mixing
+
+    def no_walk(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("map_batch walked a batch-major tensor output")
+
+    monkeypatch.setattr(mixing, "map_batch", no_walk)
+    h, index = torch.randn(4, 3), torch.tensor([2, 0, 3, 1])
+    out, count = mix_batch(
+        h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3), batch_major=True
+    )
+    assert count == 1 and torch.equal(out, 0.25 * h + 0.75 * h[index])
+    with pytest.raises(AssertionError, match="walked"):  # an undeclared module takes the walk
+        mix_batch(h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3))
+
+
 def test_batch_major_flag_keeps_the_layer_error_for_unmixable_outputs() -> None:
     ids = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"layer 'emb' returned a torch\.int64 tensor"):
@@ -121,7 +141,7 @@ def test_batch_major_flag_keeps_the_layer_error_for_unmixable_outputs() -> None:
 
 
 def _decision(lam: np.ndarray, box: Any = None) -> MixDecision:
-    return MixDecision("net.1", 0, torch.arange(4), lam, torch.device("cpu"), box)
+    return MixDecision("net.1", 0, torch.arange(4), box, host_lam=lam, device=torch.device("cpu"))
 
 
 def test_decision_weight_only_for_one_final_lam() -> None:
@@ -130,6 +150,11 @@ def test_decision_weight_only_for_one_final_lam() -> None:
     assert per_row.weight is None and isinstance(per_row.lam_arg, torch.Tensor)
     cutmix = _decision(np.asarray(0.25, dtype=np.float32), box=(0.5, 0.5))
     assert cutmix.weight is None  # CutMix fixes lam in place later: the tensor is the truth
+    made = _decision(np.asarray(0.25, dtype=np.float32))
+    lam = made.lam  # made for a compiled forward: every later use takes this tensor
+    assert made.lam_arg is lam
+    with pytest.raises(TypeError):  # the old positional order fails loudly
+        MixDecision("net.1", 0, torch.tensor(0.5), torch.arange(4), None)  # type: ignore[call-arg]
 
 
 def test_default_fit_makes_no_lam_tensor_and_mixes_by_the_formula() -> None:

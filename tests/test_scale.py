@@ -160,6 +160,30 @@ def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
     assert _unique_graphs() <= len(cb.eligible) + 1
 
 
+def test_forward_compiled_as_a_function_does_not_recompile_per_lam() -> None:
+    """No compiled module to detect: the hook sees the trace and later lams come as tensors."""
+    _fresh_dynamo()
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    rec = RunRecorder()
+
+    class FunctionCompiled(MLPClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compiled_forward = torch.compile(self.net.forward, backend="eager")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.compiled_forward(x)
+
+    quiet_trainer(max_steps=16, callbacks=[cb, rec]).fit(FunctionCompiled(), make_loader(n=512))
+    assert [
+        d is not None and runs == 1 for d, runs in zip(rec.decisions, rec.runs, strict=True)
+    ] == [True] * 16
+    assert len({float(d.lam) for d in rec.decisions if d is not None}) == 16  # 16 distinct lams
+    # a number lam would be a constant of the traced mix: one graph per lam, up to the limit
+    assert _unique_graphs() <= 4
+    assert not any("recompile" in reason.lower() for reason in counters["unimplemented"])
+
+
 class Checkpointed(MLPClassifier):
     """The mixed layer (net.1) sits inside a checkpointed segment."""
 
