@@ -133,8 +133,12 @@ class ManifoldMixupMixin:
         """``(input_key, target_key)`` of the fit's ``ManifoldMixupCallback``, else ``(0, 1)``."""
         return _batch_keys(self)
 
+    @torch.compiler.disable
     def log_train_metrics(self, loss: Tensor, logits: Tensor, target: Target) -> None:
         """Train metrics the Lightning way, without a per-step host read.
+
+        Runs eagerly under ``torch.compile`` (its step counters and logging-step test would
+        otherwise be guards of the compiled step, recompiling it at every step).
 
         Every step adds the loss to a device-side epoch sum (one in-place add). On Lightning's
         logging steps (``log_every_n_steps``) it logs that batch's ``train_loss_step`` and

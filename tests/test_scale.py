@@ -160,6 +160,21 @@ def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
     assert _unique_graphs() <= len(cb.eligible) + 1
 
 
+def test_compiled_module_with_the_default_training_step_compiles_a_bounded_set() -> None:
+    """The mixin's default step logs: its counters must not become guards of the graph."""
+    _fresh_dynamo()
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
+    rec = RunRecorder()
+    compiled = torch.compile(MLPClassifier(), backend="eager")
+    trainer = quiet_trainer(max_steps=24, callbacks=[cb, rec], log_every_n_steps=4)
+    trainer.fit(compiled, make_loader(n=512))
+    mixed = [d is not None and runs == 1 for d, runs in zip(rec.decisions, rec.runs, strict=True)]
+    assert mixed == [True] * 24
+    assert not any("recompile" in reason.lower() for reason in counters["unimplemented"])
+    assert _unique_graphs() <= 2 * (len(cb.eligible) + 1)  # a graph break at the logging call
+    assert "train_loss_step" in trainer.logged_metrics  # logging still happens
+
+
 def test_forward_compiled_as_a_function_does_not_recompile_per_lam() -> None:
     """No compiled module to detect: the hook sees the trace and later lams come as tensors."""
     _fresh_dynamo()
