@@ -76,6 +76,8 @@ class MixDecision:
 
     @functools.cached_property
     def lam(self) -> Tensor:
+        if self.host_lam.ndim == 0:  # a fill on the device: no copy from the host
+            return lam_tensor(float(self.host_lam), self.device)
         return host_to_device(self.host_lam, self.device)
 
     @property
