@@ -34,7 +34,7 @@ from _common import ManualDriver, interleaved_medians, machine, step_bytes, writ
 from step_overhead import Holder
 
 from lightning_manifold_mixup import ManifoldMixupCallback
-from lightning_manifold_mixup.models import MLP
+from lightning_manifold_mixup_recipes.models import MLP
 
 LAYERS = ["input", "net.layers.1", "net.layers.3"]
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ManualDriver, interleaved_medians, machine, write_json
 
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
-from lightning_manifold_mixup.models import MLP, PreActResNet18
+from lightning_manifold_mixup_recipes.models import MLP, PreActResNet18
 
 
 class Holder(ManifoldMixupMixin, L.LightningModule):

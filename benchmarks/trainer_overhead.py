@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_json
 
 from lightning_manifold_mixup import ManifoldMixupCallback
-from lightning_manifold_mixup.classifier import MixupClassifier
-from lightning_manifold_mixup.models import MLP, PreActResNet18
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier
+from lightning_manifold_mixup_recipes.models import MLP, PreActResNet18
 
 VARIANTS = ("plain", "plain_log", "plain+empty", "plain+cb", "mixin", "mixin+cb", "inline")
 

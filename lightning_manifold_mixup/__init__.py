@@ -1,6 +1,7 @@
 """Manifold Mixup (Verma et al., ICML 2019) for PyTorch Lightning."""
 
 from lightning_manifold_mixup.callback import ManifoldMixupCallback
+from lightning_manifold_mixup.draw import MixDecision, sample_decision
 from lightning_manifold_mixup.layers import candidate_layers, normalize_name, resolve_layers
 from lightning_manifold_mixup.losses import (
     bce_softmax_loss,
@@ -9,18 +10,14 @@ from lightning_manifold_mixup.losses import (
     soft_cross_entropy,
 )
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin, dominant_class, mixed_accuracy
-from lightning_manifold_mixup.mixing import (
-    MixDecision,
-    MixedTarget,
+from lightning_manifold_mixup.policies import (
     cutmix_box,
     cutmix_lam,
     cutmix_tensor,
     mix_batch,
-    mix_targets,
     mix_tensor,
-    one_hot_mix,
-    sample_decision,
 )
+from lightning_manifold_mixup.targets import MixedTarget, mix_targets, one_hot_mix
 
 __version__ = "0.1.0"
 

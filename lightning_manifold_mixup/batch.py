@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_manifold_mixup.hf import check_input_mixable
+from lightning_manifold_mixup.layout import describe, map_batch
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin
-
-
-def describe(obj: Any) -> str:
-    if isinstance(obj, Tensor):
-        return f"a {obj.dtype} tensor of shape {tuple(obj.shape)}"
-    return f"a {type(obj).__name__}"
+from lightning_manifold_mixup.policies import MixPolicy
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
@@ -94,3 +92,21 @@ def batch_size_of(x: Any) -> int:
     if isinstance(x, (list, tuple)) and x:
         return batch_size_of(x[0])
     raise ValueError(f"cannot find the batch size of the input: got {describe(x)}")
+
+
+def check_input(x: Any, rows: int, input_key: int | str) -> None:
+    """Input mixup needs a floating-point tensor to mix (token ids get the way out) and no
+    batch tensor beside it that cannot be mixed (``map_batch`` refuses those)."""
+    check_input_mixable(x, input_key)
+    map_batch(x, lambda t: t, rows, where=f"the input at input_key={input_key!r}")
+
+
+@dataclasses.dataclass
+class InFlight:
+    """The training batch between its start and its end: what later hooks need of it."""
+
+    original: Tensor  # the target as the batch brought it
+    rows: int  # local batch size
+    target: Any = None  # the mixed target handed to training_step
+    policy: MixPolicy | None = None  # how this batch mixes (None: not mixed)
+    record: tuple[int, float] | None = None  # (layer position, lam) to count at the end

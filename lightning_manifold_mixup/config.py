@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_manifold_mixup.mixing import LamMode
+from lightning_manifold_mixup.draw import Draw, LamMode, sample_decision
 
 TargetMode = Literal["soft", "pair"]
 LamTransform = Literal["none", "max"]
@@ -97,6 +97,31 @@ class MixupConfig:
         """The fields as the callback's keyword arguments."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
+    def sample(
+        self,
+        rng: np.random.Generator,
+        alpha: float,
+        batch_size: int,
+        rows: slice | None,
+        num_layers: int,
+        layer_weights: np.ndarray | None,
+    ) -> Draw | None:
+        """:func:`~lightning_manifold_mixup.draw.sample_decision` with these arguments, at
+        ``alpha`` (the schedule applied), over ``batch_size`` rows keeping ``rows``."""
+        return sample_decision(
+            rng,
+            batch_size=batch_size,
+            num_layers=num_layers,
+            alpha=alpha,
+            probability=self.probability,
+            lam_mode=self.lam_mode,
+            layer_weights=layer_weights,
+            cutmix_prob=self.cutmix_prob,
+            fixed_lam=self.fixed_lam,
+            lam_transform=self.lam_transform,
+            rows=rows,
+        )
+
     def hparams(self, layers: Sequence[str] | None = None, seed: int | None = None) -> dict:
         """Every argument as plain data; ``layers`` and ``seed`` as resolved for a fit."""
         record = dataclasses.asdict(self)
@@ -174,3 +199,36 @@ def _problems(args: dict[str, Any]) -> list[str]:
     if mask_key is not None and not isinstance(mask_key, str):
         problems.append(f"attention_mask_key must be a str or None, got {mask_key!r}")
     return problems
+
+
+def layer_weight_array(weights: Sequence[float] | None, eligible: list[str]) -> Any:
+    if weights is None:
+        return None
+    if len(weights) != len(eligible):
+        raise MisconfigurationException(
+            f"layer_weights has {len(weights)} entries but the eligible set has "
+            f"{len(eligible)}: {eligible}. Give one weight per layer, in this order."
+        )
+    array = np.asarray(weights, dtype=np.float64)
+    return array / array.sum()
+
+
+class ConfigAttributes:
+    """The arguments read and set as attributes (``cb.alpha``, ``cb.seed = 3``) through the
+    validated config; a new value takes effect at the next fit. Not ``log``: Lightning assigns
+    ``callback.log = pl_module.log`` at fit start."""
+
+    config: MixupConfig
+
+    def __getattr__(self, name: str) -> Any:
+        config = self.__dict__.get("config")
+        if config is not None and name in MixupConfig.__dataclass_fields__ and name != "log":
+            return getattr(config, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        config = self.__dict__.get("config")
+        if config is not None and name in MixupConfig.__dataclass_fields__ and name != "log":
+            self.config = config.replace(**{name: value})
+            return
+        super().__setattr__(name, value)

@@ -28,28 +28,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_manifold_mixup.layers import named_layers
-from lightning_manifold_mixup.mixing import MixedTarget, map_nested
+from lightning_manifold_mixup.layers import is_hf_model
+from lightning_manifold_mixup.layout import describe, map_nested
+from lightning_manifold_mixup.targets import MixedTarget
 
 # What the callback has in flight for the current training batch: the batch's own target
 # (before mixing) and the mixed target that replaced it (None when the batch is not mixed).
 TargetsInFlight = Callable[[], tuple[Any, Any]]
-
-
-def is_hf_model(module: nn.Module) -> bool:
-    """Whether ``module`` looks like a ``transformers.PreTrainedModel``: ``config.problem_type``.
-
-    Example:
-        >>> from types import SimpleNamespace
-        >>> m = nn.Linear(2, 2)
-        >>> is_hf_model(m)
-        False
-        >>> m.config = SimpleNamespace(problem_type=None)
-        >>> is_hf_model(m)
-        True
-    """
-    config = getattr(module, "config", None)
-    return config is not None and hasattr(config, "problem_type")
 
 
 def _config(module: nn.Module) -> Any:
@@ -265,7 +250,7 @@ class MaskUnion:
             return
         self._warned.add(name)
         rank_zero_warn(
-            f"ManifoldMixupCallback: layer {name!r} returned {_describe(first)}, with no token "
+            f"ManifoldMixupCallback: layer {name!r} returned {describe(first)}, with no token "
             f"dimension of the attention mask's length {length}, but the mask at {self.key!r} "
             "was replaced by the union of each mixed pair's masks, which only helps where "
             "per-token states are mixed: here rows attend to their own padding for nothing. "
@@ -288,62 +273,6 @@ def _first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
-def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
-    """Candidate blocks of a Hugging Face model that run several times per forward.
-
-    ALBERT-style models share blocks across depth: a forward makes
-    ``num_hidden_layers * inner_group_num`` block calls with only
-    ``num_hidden_groups * inner_group_num`` distinct blocks. A block that runs several times
-    would be mixed at every run (the same mix, compounded), which is not the paper's single
-    mix at one depth. Blocks are the candidates that sit in a ``ModuleList`` or
-    ``Sequential``; a model is flagged when it holds fewer distinct blocks than the block calls
-    its config declares (``num_hidden_layers``, times ``inner_group_num`` where the config has
-    it). Encoder-decoder models hold more blocks than ``num_hidden_layers`` (both stacks), so
-    they are never flagged.
-
-    Args:
-        model: the module the names are relative to (normalized names).
-        candidates: names from automatic selection.
-
-    Returns:
-        The names to drop from automatic selection.
-    """
-    modules = named_layers(model)
-    if is_hf_model(model):
-        roots = [""]
-    else:
-        found = [name for name, module in modules.items() if is_hf_model(module)]
-        roots = [n for n in found if not any(n.startswith(other + ".") for other in found)]
-    flagged: set[str] = set()
-    for root in roots:
-        root_module = model if root == "" else modules[root]
-        prefix = f"{root}." if root else ""
-        blocks = [
-            name
-            for name in candidates
-            if name.startswith(prefix) and _in_stack(name, modules, model)
-        ]
-        if 0 < len({id(modules[n]) for n in blocks}) < _block_runs(root_module.config):
-            flagged.update(blocks)
-    return flagged
-
-
-def _block_runs(config: Any) -> int:
-    """Block calls per forward that a config declares: ``num_hidden_layers``, times ALBERT's
-    ``inner_group_num`` (the blocks each layer group runs in turn); 0 when unknown."""
-    depth = getattr(config, "num_hidden_layers", None)
-    inner = getattr(config, "inner_group_num", 1)
-    if not isinstance(depth, int) or not isinstance(inner, int):
-        return 0
-    return depth * inner
-
-
-def _in_stack(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:
-    parent_name = name.rpartition(".")[0]
-    parent = modules.get(parent_name, model) if parent_name else model
-    return isinstance(parent, (nn.ModuleList, nn.Sequential))
-
-
 def check_input_mixable(x: Any, input_key: int | str) -> None:
     """Refuse input mixup of a batch input with no floating tensor (token ids), at once.
 
@@ -364,7 +293,7 @@ def check_input_mixable(x: Any, input_key: int | str) -> None:
         raise ValueError(
             "input mixup needs a floating-point input: layers lists 'input', but the batch "
             f"input at input_key={input_key!r} holds no floating-point tensor "
-            f"({_describe(x)}), e.g. token ids, which cannot be mixed. "
+            f"({describe(x)}), e.g. token ids, which cannot be mixed. "
             "Remove 'input' from layers and mix a hidden layer instead (for a Hugging Face "
             "model, the embeddings' output such as 'model.bert.embeddings', or an encoder "
             "block)."
@@ -379,9 +308,3 @@ def _first_dim(x: Any) -> int:
     if isinstance(x, (list, tuple)) and x:
         return _first_dim(x[0])
     return -1
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
-    return f"a {type(x).__name__}"

@@ -17,8 +17,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from lightning_manifold_mixup.layout import describe, map_batch
 
 Mixer = Callable[[str, nn.Module, Any], Any]
 
@@ -148,3 +150,22 @@ class HookSet:
 
 def _nothing() -> None:
     return None
+
+
+def check_output(name: str, module: nn.Module, output: Any, rows: int) -> None:
+    """First training step: a layer's output holds something to mix, in the layout its module
+    declares (``map_batch`` refuses integer batch tensors and ambiguous axes)."""
+    if map_batch(output, _same, rows, where=f"layer {name!r}", module=module)[1] == 0:
+        raise ValueError(no_float_output(name, output, rows))
+
+
+def no_float_output(name: str, output: Any, rows: int) -> str:
+    return (
+        f"ManifoldMixupCallback: layer {name!r} returned {describe(output)}, which holds no "
+        f"floating tensor with batch dimension {rows} to mix. Choose layers whose output is a "
+        "(B, ...) float tensor (or a tuple/dict holding one)."
+    )
+
+
+def _same(t: Tensor) -> Tensor:
+    return t

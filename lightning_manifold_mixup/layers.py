@@ -17,6 +17,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from torch import fx, nn
 
@@ -111,18 +112,6 @@ def unwrap_module(module: nn.Module) -> nn.Module:
         if inner is None:
             return module
         module = inner
-
-
-def uses_compile(pl_module: nn.Module) -> bool:
-    """Whether any forward of ``pl_module`` runs under ``torch.compile``: the module given to
-    ``Trainer.fit`` was compiled, or a submodule was (``torch.compile(m)``, ``m.compile()``)."""
-    if getattr(pl_module, "_compiler_ctx", None) is not None:
-        return True
-    return any(
-        isinstance(getattr(m, "_orig_mod", None), nn.Module)
-        or getattr(m, "_compiled_call_impl", None) is not None
-        for m in pl_module.modules()
-    )
 
 
 def _children(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -260,7 +249,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
     4. Other composite modules are searched; other leaves (Linear, Conv, norms, dropout) are
        never selected.
     5. Blocks of a Hugging Face model that run several times per forward (ALBERT's shared
-       layers) are dropped (see :func:`lightning_manifold_mixup.hf.reused_blocks`).
+       layers) are dropped (see :func:`reused_blocks`).
 
     The result holds normalized names and never the input; add ``"input"`` yourself.
 
@@ -276,8 +265,6 @@ def candidate_layers(model: nn.Module) -> list[str]:
     seen: dict[str, None] = {}
     for name in out:
         seen.setdefault(normalize_name(name), None)
-    from lightning_manifold_mixup.hf import reused_blocks  # hf imports this module
-
     shared = reused_blocks(model, list(seen))
     return [name for name in seen if name not in shared]
 
@@ -348,3 +335,65 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
             matches = [norm]
         out.extend(m for m in matches if m not in out)
     return out
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` looks like a ``transformers.PreTrainedModel``: ``config.problem_type``.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = nn.Linear(2, 2)
+        >>> is_hf_model(m)
+        False
+        >>> m.config = SimpleNamespace(problem_type=None)
+        >>> is_hf_model(m)
+        True
+    """
+    config = getattr(module, "config", None)
+    return config is not None and hasattr(config, "problem_type")
+
+
+def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
+    """The ``candidates`` (normalized names) to drop: blocks of a Hugging Face model that run
+    several times per forward, each run mixed again (not the paper's one mix at one depth).
+
+    ALBERT-style models share blocks across depth. Blocks are the candidates that sit in a
+    ``ModuleList`` or ``Sequential``; a model is flagged when it holds fewer distinct blocks
+    than the block calls its config declares (``num_hidden_layers``, times
+    ``inner_group_num`` where the config has it). Encoder-decoder models hold more blocks than
+    ``num_hidden_layers`` (both stacks), so they are never flagged.
+    """
+    modules = named_layers(model)
+    if is_hf_model(model):
+        roots = [""]
+    else:
+        found = [name for name, module in modules.items() if is_hf_model(module)]
+        roots = [n for n in found if not any(n.startswith(other + ".") for other in found)]
+    flagged: set[str] = set()
+    for root in roots:
+        root_module = model if root == "" else modules[root]
+        prefix = f"{root}." if root else ""
+        blocks = [
+            name
+            for name in candidates
+            if name.startswith(prefix) and _in_stack(name, modules, model)
+        ]
+        if 0 < len({id(modules[n]) for n in blocks}) < _block_runs(root_module.config):
+            flagged.update(blocks)
+    return flagged
+
+
+def _block_runs(config: Any) -> int:
+    """Block calls per forward that a config declares: ``num_hidden_layers``, times ALBERT's
+    ``inner_group_num`` (the blocks each layer group runs in turn); 0 when unknown."""
+    depth = getattr(config, "num_hidden_layers", None)
+    inner = getattr(config, "inner_group_num", 1)
+    if not isinstance(depth, int) or not isinstance(inner, int):
+        return 0
+    return depth * inner
+
+
+def _in_stack(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name, model) if parent_name else model
+    return isinstance(parent, (nn.ModuleList, nn.Sequential))

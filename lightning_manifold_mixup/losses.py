@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_manifold_mixup.mixing import MixedTarget
+from lightning_manifold_mixup.targets import MixedTarget
 
 Criterion = Literal["ce", "bce"]
 Target = Tensor | MixedTarget

@@ -6,11 +6,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 from lightning_manifold_mixup.losses import Criterion, Target, mixup_loss
-from lightning_manifold_mixup.mixing import MixedTarget
+from lightning_manifold_mixup.targets import MixedTarget
 
 
 def dominant_class(target: Target) -> Tensor:
@@ -205,3 +209,29 @@ def _batch_keys(module: object) -> tuple[Any, Any]:
         if keys is not None:
             return keys
     return 0, 1
+
+
+NO_MIXIN = (
+    "ManifoldMixupCallback: {name} does not use ManifoldMixupMixin, so training_step receives "
+    "mixed targets as they are: integer class labels arrive as float (B, num_classes) soft "
+    "targets (or MixedTarget pairs). Make sure its loss accepts them (F.cross_entropy does, "
+    "F.nll_loss does not), or subclass ManifoldMixupMixin and use mixup_loss."
+)
+
+
+def builds_layers_later(pl_module: pl.LightningModule) -> bool:
+    """Whether the module defines configure_model or a setup of its own (beyond the mixin's),
+    where layers may be created after the callback's setup hook."""
+    setup = type(pl_module).setup
+    own_setup = setup not in (pl.LightningModule.setup, ManifoldMixupMixin.setup)
+    return own_setup or is_overridden("configure_model", pl_module)
+
+
+def check_training_step(pl_module: pl.LightningModule) -> None:
+    """The callback sees each training batch only if ``training_step`` takes one."""
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise MisconfigurationException(
+            "ManifoldMixupCallback needs to see each training batch, but training_step "
+            "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
+            "training_step(self, batch, batch_idx)."
+        )

@@ -17,7 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_manifold_mixup.mixing import MixDecision, map_batch, mix_batch, mix_with_partner
+from lightning_manifold_mixup.draw import MixDecision
+from lightning_manifold_mixup.layout import map_batch
+from lightning_manifold_mixup.policies import mix_batch, mix_with_partner
 
 # Stream key of the shared draw under global pairing: no replica index reaches it, so the
 # shared stream never coincides with a replica's own.
@@ -57,7 +59,7 @@ class LocalPairing:
     ) -> tuple[Any, int]:
         return mix_batch(
             obj,
-            decision.lam_arg,
+            decision.lam,
             decision.index,
             batch_size,
             where=where,
@@ -185,7 +187,7 @@ def _mix_across_ranks(h: Tensor, decision: MixDecision) -> Tensor:
     """``lam * h + (1 - lam) * global_h[index]`` for a hidden state, gradients to every rank."""
     global_h: Tensor = _GatherRows.apply(h) if h.requires_grad else _global_rows(h)
     partner = global_h.index_select(0, decision.index.to(h.device))
-    return mix_with_partner(h, partner, decision.lam_arg, overwrite_partner=True)
+    return mix_with_partner(h, partner, decision.lam, overwrite_partner=True)
 
 
 def _check_equal_batch_sizes(batch_size: int, device: torch.device) -> None:

@@ -76,7 +76,6 @@ def _is_logging_step(trainer: pl.Trainer) -> bool:
 
 def step_completes(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     """Whether the batch in flight ends an optimizer step (not a gradient-accumulation one)."""
-    fit_loop = getattr(trainer, "fit_loop", None)  # absent on hand-driven stand-ins
-    if fit_loop is None or not pl_module.automatic_optimization:
+    if not pl_module.automatic_optimization:
         return True
-    return not fit_loop._should_accumulate()
+    return not trainer.fit_loop._should_accumulate()

@@ -1,9 +1,8 @@
-"""Keyed random streams: one generator state per (seed, stream, step), cheap to reach.
+"""``DecisionStream``: the callback's seed, batch counter and checkpoint state.
 
-The draws of batch ``step`` come from a Philox counter-based generator whose key is
-``(seed, stream)`` and whose counter starts at ``step * 2**64``: any batch's draws are
-reproducible from the three numbers alone (resume, replicas, shared global draws), without
-replaying earlier batches and without hashing a seed sequence per batch.
+The draws of batch ``step`` come from :class:`~lightning_manifold_mixup.draw.KeyedStream`, keyed
+by ``(seed, stream)`` with the counter at ``step``; this module decides the seed and the step
+from the Trainer (fresh run, resume, a batch in flight at a checkpoint).
 """
 
 from __future__ import annotations
@@ -16,41 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.utilities import rank_zero_warn
 
-_MASK = 2**64 - 1
-
-
-class KeyedStream:
-    """``generator(stream, step)``: the same state for the same ``(seed, stream, step)``.
-
-    The returned generator is reused between calls (re-keyed in place), so use it before
-    asking for the next one.
-
-    Example:
-        >>> s = KeyedStream(seed=7)
-        >>> a = s.generator(0, 3).random(); b = s.generator(0, 4).random()
-        >>> a == s.generator(0, 3).random() and a != b
-        True
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = int(seed)
-        self._bits = np.random.Philox(key=0)
-        self._rng = np.random.Generator(self._bits)
-        self._buffer = np.zeros(4, dtype=np.uint64)
-
-    def generator(self, stream: int, step: int) -> np.random.Generator:
-        self._bits.state = {
-            "bit_generator": "Philox",
-            "state": {
-                "counter": np.array([0, step & _MASK, 0, 0], dtype=np.uint64),
-                "key": np.array([self.seed & _MASK, stream & _MASK], dtype=np.uint64),
-            },
-            "buffer": self._buffer,
-            "buffer_pos": 4,
-            "has_uint32": 0,
-            "uinteger": 0,
-        }
-        return self._rng
+from lightning_manifold_mixup.draw import KeyedStream
 
 
 class DecisionStream:
@@ -132,9 +97,6 @@ class DecisionStream:
 
 def _fresh_run(trainer: pl.Trainer) -> bool:
     """No checkpoint to resume and no training progress on this Trainer yet."""
-    if getattr(trainer, "ckpt_path", None) is not None:
+    if trainer.ckpt_path is not None:
         return False
-    fit_loop = getattr(trainer, "fit_loop", None)
-    if fit_loop is None:  # a Trainer stand-in (benchmarks, tests) with only the basics
-        return getattr(trainer, "global_step", 0) == 0
-    return int(fit_loop.epoch_loop.batch_progress.total.ready) == 0
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready) == 0

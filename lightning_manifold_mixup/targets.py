@@ -1,29 +1,221 @@
-"""``TargetMixer``: a batch's targets mixed with the same lam and partners as its features."""
+"""Targets mixed like the features: one table of target kinds and the mixer that uses it.
+
+Each kind of target (:data:`TARGET_KINDS`) says how a batch of it is mixed with its partner rows
+by a blend (lam) and by a CutMix box. Float targets (one-hot, soft, multi-label, regression)
+blend as they are; integer class labels ``(B,)`` become float32 soft targets ``(B, C)`` or a
+:class:`MixedTarget` pair. A new kind of target is one class and one entry in the table.
+Plain torch, no Lightning import.
+
+Example:
+    >>> one_hot_mix(torch.tensor([0, 2]), torch.tensor(0.25), torch.tensor([1, 0]), 3)
+    tensor([[0.2500, 0.0000, 0.7500],
+            [0.7500, 0.0000, 0.2500]])
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from lightning_manifold_mixup.mixing import (
-    MixedTarget,
-    lam_tensor,
-    mix_targets,
-    mix_targets_with_partner,
-    mix_tensor,
-)
+from lightning_manifold_mixup.draw import lam_tensor
+from lightning_manifold_mixup.policies import Box, mix_tensor, mix_with_partner
+
+
+class MixedTarget(NamedTuple):
+    """Targets kept as a pair of class-index tensors and their weight (the "pair" form).
+
+    Stands for the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)`` without
+    materialising a ``(B, C)`` matrix. ``y_a`` and ``y_b`` are ``(B,)`` int64, ``lam`` is a
+    float32 tensor of shape ``()`` or ``(B,)``.
+    """
+
+    y_a: Tensor
+    y_b: Tensor
+    lam: Tensor
+
+
+def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tensor:
+    """Soft targets ``lam * one_hot(y) + (1 - lam) * one_hot(y[index])``.
+
+    Args:
+        y: ``(B,)`` integer class labels in ``[0, num_classes)``.
+        lam: float tensor of shape ``()`` or ``(B,)``.
+        index: ``(B,)`` int64 permutation.
+
+    Returns:
+        ``(B, num_classes)`` float32 soft targets; each row sums to 1.
+
+    Example:
+        >>> one_hot_mix(torch.tensor([0, 2]), torch.tensor(0.25), torch.tensor([1, 0]), 3)
+        tensor([[0.2500, 0.0000, 0.7500],
+                [0.7500, 0.0000, 0.2500]])
+    """
+    return one_hot_pair(y, y.index_select(0, index.to(y.device)), lam, num_classes)
+
+
+def one_hot_pair(y_a: Tensor, y_b: Tensor, lam: Tensor, num_classes: int) -> Tensor:
+    """Soft targets ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)``, float32 ``(B, C)``.
+
+    Example:
+        >>> one_hot_pair(torch.tensor([0]), torch.tensor([2]), torch.tensor(0.25), 3)
+        tensor([[0.2500, 0.0000, 0.7500]])
+    """
+    lam = lam.to(device=y_a.device, dtype=torch.float32)
+    lam_col = lam.expand(y_a.shape[0]).unsqueeze(1)
+    out = torch.zeros(y_a.shape[0], num_classes, dtype=torch.float32, device=y_a.device)
+    out.scatter_add_(1, y_a.unsqueeze(1), lam_col)
+    out.scatter_add_(1, y_b.to(y_a.device).unsqueeze(1), 1.0 - lam_col)
+    return out
+
+
+def mix_targets(
+    y: Tensor,
+    lam: Tensor | float,
+    index: Tensor,
+    *,
+    num_classes: int | None = None,
+    pair: bool = False,
+) -> Tensor | MixedTarget:
+    """Mix a batch of targets with the same ``lam`` and ``index`` as the features.
+
+    Integer labels ``(B,)`` become float32 soft targets ``(B, num_classes)`` (or a
+    :class:`MixedTarget` with ``pair=True``). Floating targets of any shape ``(B, ...)``
+    (one-hot, soft, multi-label, regression) become ``lam * y + (1 - lam) * y[index]`` in
+    their own dtype.
+    """
+    if y.is_floating_point():
+        return mix_tensor(y, lam, index)
+    return mix_targets_with_partner(
+        y, y.index_select(0, index.to(y.device)), lam, num_classes=num_classes, pair=pair
+    )
+
+
+def mix_targets_with_partner(
+    y: Tensor,
+    y_partner: Tensor,
+    lam: Tensor | float,
+    *,
+    num_classes: int | None = None,
+    pair: bool = False,
+) -> Tensor | MixedTarget:
+    """:func:`mix_targets` with the partner rows given instead of a permutation.
+
+    For pairings a permutation cannot express (partners from other ranks' batches).
+    ``y_partner`` has the shape and dtype of ``y``.
+    """
+    if y.is_floating_point():
+        return mix_with_partner(y, y_partner.to(y.device), lam)
+    lam = lam_tensor(lam, y.device)
+    if pair:
+        return MixedTarget(y, y_partner.to(y.device), lam)
+    if num_classes is None:
+        raise ValueError("integer targets need num_classes to be turned into soft targets")
+    return one_hot_pair(y, y_partner, lam, num_classes)
+
+
+class TargetKind(Protocol):
+    """How a batch of one kind of target is mixed with its partner rows.
+
+    ``blend`` mixes with ``lam`` (shape ``()`` or ``(B,)``), ``index`` (the ``(B,)`` partner
+    rows) or ``partner`` (the partner rows themselves, when they come from other ranks);
+    ``cut`` mixes for a CutMix batch whose box is known, with ``lam`` its kept area.
+    """
+
+    def matches(self, y: Tensor) -> bool: ...
+
+    def blend(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
+    ) -> Any: ...
+
+    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any: ...
+
+
+class FloatTargets:
+    """One-hot, soft, multi-label or regression targets of any shape: blended as they are,
+    in their own dtype (a CutMix batch blends them with the kept area)."""
+
+    def matches(self, y: Tensor) -> bool:
+        return y.is_floating_point()
+
+    def blend(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
+    ) -> Any:
+        if partner is not None:
+            return mix_targets_with_partner(y, partner, lam)
+        return mix_tensor(y, lam, index)
+
+    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+        return self.blend(mixer, y, lam, index, None)
+
+
+class ClassLabels:
+    """Integer class labels ``(B,)``: float32 soft targets ``(B, C)`` (``mode="soft"``) or a
+    :class:`MixedTarget` (``mode="pair"``); a CutMix batch weighs them by the kept area."""
+
+    def matches(self, y: Tensor) -> bool:
+        return y.ndim == 1
+
+    def blend(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
+    ) -> Any:
+        y = y if y.dtype == torch.int64 else y.long()  # scatter and gather take int64
+        if partner is not None:
+            partner = partner if partner.dtype == torch.int64 else partner.long()
+        if mixer.mode == "pair":
+            if partner is not None:
+                return mix_targets_with_partner(y, partner, lam, pair=True)
+            return MixedTarget(y, y.index_select(0, index.to(y.device)), lam_tensor(lam, y.device))
+        return mixer.soft(y, lam, index, partner)
+
+    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+        return self.blend(mixer, y, lam, index, None)
+
+
+class _Unsupported:
+    """Targets that cannot be mixed: refused with the way out."""
+
+    def matches(self, y: Tensor) -> bool:
+        return True
+
+    def blend(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
+    ) -> Any:
+        raise self._error(y)
+
+    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+        raise self._error(y)
+
+    @staticmethod
+    def _error(y: Tensor) -> Exception:
+        if y.dtype == torch.bool or y.is_complex():
+            return TypeError(
+                f"unsupported target dtype {y.dtype}: use int64 class labels or float targets"
+            )
+        return ValueError(
+            f"integer targets must be class labels of shape (B,), got shape "
+            f"{tuple(y.shape)}. Multi-label targets must be float (B, C) tensors."
+        )
+
+
+# Looked up in order: the first kind that matches a target mixes it.
+TARGET_KINDS: list[TargetKind] = [FloatTargets(), ClassLabels(), _Unsupported()]
+
+
+def kind_of(y: Tensor) -> TargetKind:
+    """The entry of :data:`TARGET_KINDS` that mixes ``y``."""
+    if y.dtype == torch.bool or y.is_complex():
+        return TARGET_KINDS[-1]
+    return next(kind for kind in TARGET_KINDS if kind.matches(y))
 
 
 class TargetMixer:
-    """Float targets (one-hot, soft, multi-label, regression) are mixed as they are; integer
-    class labels become float32 ``(B, num_classes)`` soft targets (``mode="soft"``) or a
-    :class:`MixedTarget` (``mode="pair"``).
+    """Mixes a batch's targets with the same lam and partners as its features.
 
-    The label range is read on the host once per fit (the first mixed batch): reading it at
-    every step would synchronise with an accelerator. Later out-of-range labels on the CPU
-    fail in the scatter and get the same message.
+    The label range of class labels is read on the host once per fit (the first mixed batch):
+    reading it at every step would synchronise with an accelerator. Later out-of-range labels
+    on the CPU fail in the scatter and get the same message.
 
     Example:
         >>> mixer = TargetMixer("soft", num_classes=3)
@@ -39,20 +231,23 @@ class TargetMixer:
         self._eye: Tensor | None = None
 
     def mix(
-        self, y: Tensor, lam: Tensor | float, index: Tensor, partner: Tensor | None = None
+        self,
+        y: Tensor,
+        lam: Tensor,
+        index: Tensor,
+        partner: Tensor | None = None,
+        box: Box | None = None,
     ) -> Any:
-        """Mixed targets; ``lam`` is a float tensor of shape ``()`` or ``(B,)`` or a Python
-        number; ``partner`` holds the partner rows when they come from other ranks."""
-        if y.is_floating_point():
-            if partner is not None:
-                return mix_targets_with_partner(y, partner, lam)
-            return mix_targets(y, lam, index)
-        y, partner = _class_labels(y), None if partner is None else _class_labels(partner)
-        if self.mode == "pair":
-            lam = lam_tensor(lam, y.device)
-            if partner is not None:
-                return mix_targets_with_partner(y, partner, lam, pair=True)
-            return mix_targets(y, lam, index, pair=True)
+        """Mixed targets; ``lam`` is a float tensor of shape ``()`` or ``(B,)``; ``partner``
+        holds the partner rows when they come from other ranks; ``box`` is the CutMix box of
+        the batch, when it has one (``lam`` is then its kept area)."""
+        kind = kind_of(y)
+        if box is not None:
+            return kind.cut(self, y, lam, index, box)
+        return kind.blend(self, y, lam, index, partner)
+
+    def soft(self, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None) -> Tensor:
+        """Soft targets ``(B, num_classes)`` of int64 labels ``(B,)``, range checked once."""
         num_classes = self._classes()
         # Partner labels come from other ranks, whose own check runs only after this one.
         labels = y if partner is None else torch.cat([y, partner])
@@ -66,25 +261,27 @@ class TargetMixer:
             raise
 
     def _soft(
-        self, y: Tensor, lam: Tensor | float, index: Tensor, partner: Tensor | None, classes: int
-    ) -> Any:
-        if partner is None and not isinstance(lam, Tensor) and classes <= _EYE_MAX_CLASSES:
+        self, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None, classes: int
+    ) -> Tensor:
+        if partner is None and classes <= _EYE_MAX_CLASSES:
             # One-hot rows from a cached identity and one mix: the values of one_hot_pair
             # bit for bit (one term is 0 wherever the labels differ, addition commutes).
             if self._eye is None or self._eye.shape[0] != classes or self._eye.device != y.device:
                 self._eye = torch.eye(classes, dtype=torch.float32, device=y.device)
             return mix_tensor(self._eye.index_select(0, y), lam, index)
-        lam = lam_tensor(lam, y.device)
-        if partner is not None:
-            return mix_targets_with_partner(y, partner, lam, num_classes=classes)
-        return mix_targets(y, lam, index, num_classes=classes)
+        if partner is None:
+            partner = y.index_select(0, index.to(y.device))
+        return one_hot_pair(y, partner, lam_tensor(lam, y.device), classes)
 
-    def correct(self, target: Any, original: Tensor, lam: Tensor, index: Tensor) -> None:
-        """Rewrite ``target`` in place for a lam fixed later (CutMix's kept area)."""
+    def correct(
+        self, target: Any, original: Tensor, lam: Tensor, index: Tensor, box: Box | None = None
+    ) -> None:
+        """Rewrite ``target`` in place for a lam fixed later (CutMix's kept area at a hidden
+        layer): training_step holds this very object."""
         if isinstance(target, MixedTarget):
             target.lam.copy_(lam)
         elif isinstance(target, Tensor):
-            target.copy_(self.mix(original, lam, index))
+            target.copy_(self.mix(original, lam, index, box=box))
 
     def _classes(self) -> int:
         if self.num_classes is None:
@@ -98,20 +295,6 @@ class TargetMixer:
 
 # Soft targets of up to this many classes are rows of a cached identity matrix (4 MiB).
 _EYE_MAX_CLASSES = 1024
-
-
-def _class_labels(y: Tensor) -> Tensor:
-    """Integer class labels ``(B,)`` as int64 (scatter and gather take int64 indices)."""
-    if y.dtype == torch.bool or y.is_complex():
-        raise TypeError(
-            f"unsupported target dtype {y.dtype}: use int64 class labels or float targets"
-        )
-    if y.ndim != 1:
-        raise ValueError(
-            f"integer targets must be class labels of shape (B,), got shape "
-            f"{tuple(y.shape)}. Multi-label targets must be float (B, C) tensors."
-        )
-    return y if y.dtype == torch.int64 else y.long()
 
 
 def check_label_range(labels: Tensor, num_classes: int) -> None:

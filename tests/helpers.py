@@ -30,6 +30,11 @@ Draw = tuple[str, float, tuple[int, ...]]
 def fake_trainer(**fields: Any) -> Any:
     """A stand-in for the Trainer with what the callback reads, for driving its hooks by hand:
     one process, no logger, step 0, an unbounded run; ``fields`` override any of these."""
+    progress = SimpleNamespace(total=SimpleNamespace(ready=0))
+    fit_loop = SimpleNamespace(
+        epoch_loop=SimpleNamespace(batch_progress=progress, _batches_that_stepped=0),
+        _should_accumulate=lambda: False,
+    )
     defaults: dict[str, Any] = {
         "global_rank": 0,
         "world_size": 1,
@@ -37,6 +42,11 @@ def fake_trainer(**fields: Any) -> Any:
         "loggers": [],
         "global_step": 0,
         "current_epoch": 0,
+        "ckpt_path": None,
+        "fit_loop": fit_loop,
+        "max_steps": -1,
+        "max_epochs": None,
+        "num_training_batches": float("inf"),
         "estimated_stepping_batches": float("inf"),
     }
     return SimpleNamespace(**{**defaults, **fields})

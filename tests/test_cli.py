@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 
 from lightning_manifold_mixup import ManifoldMixupCallback
-from lightning_manifold_mixup.classifier import MixupClassifier
-from lightning_manifold_mixup.cli import MixupCLI, _experiment_parser, main
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier
+from lightning_manifold_mixup_recipes.cli import MixupCLI, _experiment_parser, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHORT = [
@@ -69,8 +69,8 @@ def test_every_config_trains_two_steps_with_the_callback(config: str, tmp_path: 
 def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
     cli = _fit_cli(
         [
-            "--data=lightning_manifold_mixup.data.SpiralsDataModule",
-            "--model.backbone=lightning_manifold_mixup.models.MLP",
+            "--data=lightning_manifold_mixup_recipes.data.SpiralsDataModule",
+            "--model.backbone=lightning_manifold_mixup_recipes.models.MLP",
             "--model.backbone.in_features=2",
             "--model.backbone.num_classes=3",
             "--trainer.callbacks+=ManifoldMixupCallback",

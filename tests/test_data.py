@@ -17,15 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from lightning_manifold_mixup.data import (
+from lightning_manifold_mixup_recipes.data import (
     CIFARDataModule,
     DigitsDataModule,
     MNIST1DDataModule,
     SpiralsDataModule,
 )
-from lightning_manifold_mixup.data._base import SplitDataModule
-from lightning_manifold_mixup.data.cifar import CIFAR_STATS, FAKE_TEST_SIZE, FAKE_TRAIN_SIZE
-from lightning_manifold_mixup.data.mnist_1d import generate_mnist1d, load_mnist1d
+from lightning_manifold_mixup_recipes.data._base import SplitDataModule
+from lightning_manifold_mixup_recipes.data.cifar import CIFAR_STATS, FAKE_TEST_SIZE, FAKE_TRAIN_SIZE
+from lightning_manifold_mixup_recipes.data.mnist_1d import generate_mnist1d, load_mnist1d
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from conftest import quiet_trainer
-from lightning_manifold_mixup.classifier import MixupClassifier
-from lightning_manifold_mixup.data import SpiralsDataModule
-from lightning_manifold_mixup.experiments import (
+from lightning_manifold_mixup.layers import resolve_layers
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier
+from lightning_manifold_mixup_recipes.data import SpiralsDataModule
+from lightning_manifold_mixup_recipes.experiments import (
     PRESETS,
     evaluate,
     flattening,
@@ -23,7 +24,6 @@ from lightning_manifold_mixup.experiments import (
     has_holdout,
     train,
 )
-from lightning_manifold_mixup.layers import resolve_layers
 
 
 class _RecordLR(L.Callback):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import quiet_trainer
 from lightning_manifold_mixup import ManifoldMixupCallback, ManifoldMixupMixin
-from lightning_manifold_mixup.experiments import evaluate, train
+from lightning_manifold_mixup_recipes.experiments import evaluate, train
 
 
 class DigitsMLP(ManifoldMixupMixin, L.LightningModule):

@@ -19,9 +19,7 @@ from lightning_manifold_mixup import (
     one_hot_mix,
     sample_decision,
 )
-from lightning_manifold_mixup.mixing import (
-    mix_nested,
-)
+from lightning_manifold_mixup.mixing import map_nested
 
 
 def test_mix_tensor_equals_paper_formula_batch_lam() -> None:
@@ -106,14 +104,14 @@ def test_pair_targets_keep_indices_and_lam() -> None:
     assert out.y_b.tolist() == [2, 0, 1]
 
 
-def test_mix_nested_handles_tuples_dicts_namedtuples_and_skips_the_rest() -> None:
+def test_map_nested_mixes_tuples_dicts_namedtuples_and_skips_the_rest() -> None:
     pair = namedtuple("pair", ["hidden", "mask"])
     h = torch.randn(4, 3)
     mask = torch.ones(4, 3, dtype=torch.bool)
     other = torch.randn(2, 3)  # wrong leading dim: not a batch tensor
     obj = (pair(h, mask), OrderedDict(a=h, b="text", c=other))
     lam, index = torch.tensor(0.2), torch.tensor([1, 0, 3, 2])
-    out, count = mix_nested(obj, lam, index, 4)
+    out, count = map_nested(obj, lambda t: mix_tensor(t, lam, index), 4)
     expected = lam * h + (1 - lam) * h[index]
     assert count == 2
     assert isinstance(out, tuple) and isinstance(out[0], pair)

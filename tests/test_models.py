@@ -10,7 +10,7 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import nn
 
-from lightning_manifold_mixup.models import (
+from lightning_manifold_mixup_recipes.models import (
     CNN1D,
     MLP,
     PreActBlock,

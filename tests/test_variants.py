@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -15,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import MLPClassifier, RecordingLogger, make_loader, quiet_trainer
-from helpers import DecisionRecorder, KeepsTargets
+from helpers import DecisionRecorder, KeepsTargets, fake_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -76,7 +75,7 @@ def test_fixed_lam_is_used_for_every_batch_and_in_the_targets() -> None:
 
 
 def _trainer_at(step: int, epoch: int = 0, total: int = 100) -> Any:
-    return SimpleNamespace(global_step=step, current_epoch=epoch, estimated_stepping_batches=total)
+    return fake_trainer(global_step=step, current_epoch=epoch, max_steps=total)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +145,10 @@ class ConvNet(ManifoldMixupMixin, L.LightningModule):
         handle = self.net[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
         logits = self(x)
         handle.remove()
-        record = {"d": d, "x": x, "y": y, "h": h, "seen": seen[0], "drawn_lam": cb._batch.box_lam}
+        # A box placed in the forward fixes lam: the decision is replaced by one with the
+        # kept area; the policy keeps the drawn lam that set the box's size.
+        drawn = cb._batch.policy.area_lam
+        record = {"d": cb.current, "x": x, "y": y, "h": h, "seen": seen[0], "drawn_lam": drawn}
         self.records.append(record)
         return self.mixup_loss(logits, y)
 

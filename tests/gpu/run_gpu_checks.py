@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from helpers import RunRecorder  # noqa: E402
 from lightning_manifold_mixup import ManifoldMixupCallback  # noqa: E402
-from lightning_manifold_mixup.classifier import MixupClassifier  # noqa: E402
-from lightning_manifold_mixup.models import MLP, PreActResNet18  # noqa: E402
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier  # noqa: E402
+from lightning_manifold_mixup_recipes.models import MLP, PreActResNet18  # noqa: E402
 
 LAYERS = ["input", "net.layer1", "net.layer2"]
 

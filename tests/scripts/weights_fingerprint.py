@@ -32,7 +32,11 @@ class Net(ManifoldMixupMixin, L.LightningModule):
         self.num_classes = num_classes
         if kind == "mlp":
             self.net = nn.Sequential(
-                nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, num_classes)
+                nn.Linear(6, 16),
+                nn.ReLU(),
+                nn.Linear(16, 16),
+                nn.ReLU(),
+                nn.Linear(16, num_classes),
             )
         else:
             self.net = nn.Sequential(

@@ -12,7 +12,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, FakeData, VisionDataset
 from torchvision.transforms import v2
 
-from lightning_manifold_mixup.data._base import SplitDataModule, check_fraction, stratified_split
+from lightning_manifold_mixup_recipes.data._base import (
+    SplitDataModule,
+    check_fraction,
+    stratified_split,
+)
 
 __all__ = ["CIFARDataModule"]
 

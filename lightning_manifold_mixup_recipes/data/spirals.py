@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_manifold_mixup.data._base import InMemoryDataset, SplitDataModule
+from lightning_manifold_mixup_recipes.data._base import InMemoryDataset, SplitDataModule
 
 __all__ = ["SpiralsDataModule", "make_spirals"]
 

@@ -2,7 +2,7 @@
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI (configure the callback in YAML or
 with ``--trainer.callbacks+=ManifoldMixupCallback``); ``compare``, ``flattening`` and
-``spirals`` run the paper-style experiments of :mod:`lightning_manifold_mixup.experiments`.
+``spirals`` run the paper-style experiments of :mod:`lightning_manifold_mixup_recipes.experiments`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_manifold_mixup.callback import ManifoldMixupCallback
-from lightning_manifold_mixup.classifier import MixupClassifier
+from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier
 
 __all__ = ["ManifoldMixupCallback", "MixupCLI", "main"]
 
@@ -43,7 +43,7 @@ HOLDOUT_HELP = (
 
 
 def _experiment_parser() -> argparse.ArgumentParser:
-    from lightning_manifold_mixup.experiments import METHODS, PRESETS
+    from lightning_manifold_mixup_recipes.experiments import METHODS, PRESETS
 
     parser = argparse.ArgumentParser(prog="lightning-manifold-mixup")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +80,7 @@ def _experiment_parser() -> argparse.ArgumentParser:
 
 
 def run_experiment(argv: Sequence[str]) -> None:
-    from lightning_manifold_mixup import experiments as ex
+    from lightning_manifold_mixup_recipes import experiments as ex
 
     args = _experiment_parser().parse_args(list(argv))
     if args.command == "compare":
@@ -111,7 +111,7 @@ def run_experiment(argv: Sequence[str]) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> None:
-    from lightning_manifold_mixup import experiments as ex
+    from lightning_manifold_mixup_recipes import experiments as ex
 
     alphas = {
         k: v

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_manifold_mixup.data._base import (
+from lightning_manifold_mixup_recipes.data._base import (
     InMemoryDataset,
     SplitDataModule,
     check_fraction,

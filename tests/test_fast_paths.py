@@ -1,24 +1,21 @@
-"""The default path's lean form gives the values of the general one, bit for bit.
+"""Shortcuts of the mixing code give the values of the general form, bit for bit.
 
-With one lam per batch and no CutMix the callback passes lam as a Python number (no lam tensor,
-no copy to the device), builds soft targets from a cached identity matrix and mixes a layer's
-tensor output without the nested-output walk. Each of these must equal the general form
-exactly, so a run's numbers do not depend on which form ran.
+Soft targets are rows of a cached identity matrix mixed like a hidden batch (not a scatter),
+a layer known to be batch-major skips the nested-output walk, large CPU row permutations take a
+gather backward, half-precision mixes take their gradients in float32, and a Python-number lam
+is a float32 tensor. Each must equal the general form exactly, so a run's numbers do not depend
+on which form ran.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from conftest import MLPClassifier, make_loader, quiet_trainer
-from helpers import DecisionRecorder
-from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup.mixing import (
     MixDecision,
     is_batch_major,
@@ -31,6 +28,7 @@ from lightning_manifold_mixup.mixing import (
 from lightning_manifold_mixup.targets import TargetMixer
 
 # float32 lams near the rounding edges of 1 - lam, and the ends.
+CPU = torch.device("cpu")
 LAMS = [0.0, 1.0, 0.5, 0.1, 1e-7, 1 - 2**-24, 0.3333333, 0.7, 0.99999]
 
 
@@ -111,12 +109,12 @@ def test_batch_major_tensor_outputs_skip_the_walk_with_the_same_values() -> None
 
 
 def test_batch_major_tensor_output_is_mixed_without_the_walk(monkeypatch: Any) -> None:
-    import lightning_manifold_mixup.mixing as mixing
+    import lightning_manifold_mixup.policies as policies
 
     def no_walk(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("map_batch walked a batch-major tensor output")
 
-    monkeypatch.setattr(mixing, "map_batch", no_walk)
+    monkeypatch.setattr(policies, "map_batch", no_walk)
     h, index = torch.randn(4, 3), torch.tensor([2, 0, 3, 1])
     out, count = mix_batch(
         h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3), batch_major=True
@@ -140,47 +138,37 @@ def test_batch_major_flag_keeps_the_layer_error_for_unmixable_outputs() -> None:
         )
 
 
-def _decision(lam: np.ndarray, box: Any = None) -> MixDecision:
-    return MixDecision("net.1", 0, torch.arange(4), box, host_lam=lam, device=torch.device("cpu"))
-
-
-def test_decision_weight_only_for_one_final_lam() -> None:
-    assert _decision(np.asarray(0.25, dtype=np.float32)).lam_arg == 0.25
-    per_row = _decision(np.full(4, 0.25, dtype=np.float32))
-    assert per_row.weight is None and isinstance(per_row.lam_arg, torch.Tensor)
-    cutmix = _decision(np.asarray(0.25, dtype=np.float32), box=(0.5, 0.5))
-    assert cutmix.weight is None  # CutMix fixes lam in place later: the tensor is the truth
-    made = _decision(np.asarray(0.25, dtype=np.float32))
-    lam = made.lam  # made for a compiled forward: every later use takes this tensor
-    assert made.lam_arg is lam
+def test_decision_lam_is_one_float32_tensor_and_a_fixed_lam_is_a_new_decision() -> None:
+    host = np.asarray(0.25, dtype=np.float32)
+    decision = MixDecision("net.1", 0, torch.arange(4), (0.5, 0.5), host_lam=host, device=CPU)
+    assert decision.lam.dtype == torch.float32 and decision.lam.shape == ()
+    assert float(decision.lam) == 0.25
+    fixed = decision.with_lam(0.75)  # CutMix's kept area, known once the box is placed
+    assert float(fixed.lam) == 0.75 and float(decision.lam) == 0.25
+    assert fixed.layer == decision.layer and fixed.index is decision.index
+    per_row = MixDecision(
+        "net.1", 0, torch.arange(4), host_lam=np.full(4, 0.5, np.float32), device=CPU
+    )
+    assert per_row.lam.shape == (4,)
     with pytest.raises(TypeError):  # the old positional order fails loudly
         MixDecision("net.1", 0, torch.tensor(0.5), torch.arange(4), None)  # type: ignore[call-arg]
 
 
-def test_default_fit_makes_no_lam_tensor_and_mixes_by_the_formula() -> None:
-    """The default run never needs lam on the device; what it mixes is still the paper's."""
-    seen: list[dict[str, torch.Tensor]] = []
-
-    class Originals(L.Callback):  # listed before the mixup callback: sees the batch unmixed
-        def on_train_batch_start(
-            self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int
-        ) -> None:
-            seen.append({"x": batch[0].clone(), "y": batch[1].clone()})
-
-    class Probe(MLPClassifier):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            seen[-1].update(mixed_x=batch[0], soft=batch[1])
-            return super().training_step(batch, batch_idx)
-
-    cb = ManifoldMixupCallback(layers=["input"], seed=0)
-    rec = DecisionRecorder(cb)
-    quiet_trainer(max_steps=6, callbacks=[Originals(), cb, rec]).fit(Probe(), make_loader(n=48))
-    decisions = [d for d in rec.decisions if d is not None]
-    assert len(decisions) == 6
-    assert all("lam" not in vars(d) for d in decisions)  # the cached tensor was never made
-    eye = torch.eye(4)
-    for d, row in zip(decisions, seen, strict=True):
-        lam, index, x, y = d.lam_arg, d.index, row["x"], row["y"]
-        assert isinstance(lam, float)
-        torch.testing.assert_close(row["mixed_x"], lam * x + (1 - lam) * x[index])
-        torch.testing.assert_close(row["soft"], lam * eye[y] + (1 - lam) * eye[y[index]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_half_precision_mix_takes_the_gradients_of_lerp_with_a_number_weight(
+    dtype: torch.dtype, per_row: bool
+) -> None:
+    g = torch.Generator().manual_seed(3)
+    for value in LAMS[2:] + [float(v) for v in torch.rand(10, generator=g)]:
+        h = torch.randn(8, 5, generator=g).to(dtype).requires_grad_()
+        partner = torch.randn(8, 5, generator=g).to(dtype).requires_grad_()
+        upstream = torch.randn(8, 5, generator=g).to(dtype)
+        lam = torch.full((8,) if per_row else (), value)
+        out = mix_with_partner(h, partner, lam)
+        grads = torch.autograd.grad(out, (h, partner), upstream)
+        w = float(torch.tensor(value).to(dtype))  # the weight as rounded to the half dtype
+        ref = torch.lerp(partner, h, w)
+        ref_grads = torch.autograd.grad(ref, (h, partner), upstream)
+        assert torch.equal(out, ref), value
+        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads, strict=True)), value

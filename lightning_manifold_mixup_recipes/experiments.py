@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_manifold_mixup.callback import ManifoldMixupCallback
-from lightning_manifold_mixup.classifier import MixupClassifier
+from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup_recipes.classifier import MixupClassifier
 
 METHODS = ("none", "input", "manifold")
 # Mixing points of the built-in MLP (256-256): the input and both hidden activations.
@@ -55,19 +55,19 @@ class Preset:
 
 
 def _mnist1d(seed: int, holdout: bool) -> L.LightningDataModule:
-    from lightning_manifold_mixup.data import MNIST1DDataModule
+    from lightning_manifold_mixup_recipes.data import MNIST1DDataModule
 
     return MNIST1DDataModule(batch_size=100, seed=seed, val_fraction=0.1 if holdout else 0.0)
 
 
 def _digits(seed: int, holdout: bool) -> L.LightningDataModule:
-    from lightning_manifold_mixup.data import DigitsDataModule
+    from lightning_manifold_mixup_recipes.data import DigitsDataModule
 
     return DigitsDataModule(batch_size=64, seed=seed, val_fraction=0.1 if holdout else 0.0)
 
 
 def _spirals(seed: int, holdout: bool) -> L.LightningDataModule:
-    from lightning_manifold_mixup.data import SpiralsDataModule
+    from lightning_manifold_mixup_recipes.data import SpiralsDataModule
 
     # Synthetic data: the refit draws as many training points as train + validation hold.
     if holdout:
@@ -76,25 +76,25 @@ def _spirals(seed: int, holdout: bool) -> L.LightningDataModule:
 
 
 def _cnn1d() -> nn.Module:
-    from lightning_manifold_mixup.models import CNN1D
+    from lightning_manifold_mixup_recipes.models import CNN1D
 
     return CNN1D(num_classes=10, channels=25)
 
 
 def _small_cnn() -> nn.Module:
-    from lightning_manifold_mixup.models import SmallCNN2D
+    from lightning_manifold_mixup_recipes.models import SmallCNN2D
 
     return SmallCNN2D(num_classes=10)
 
 
 def _mnist1d_mlp() -> nn.Module:
-    from lightning_manifold_mixup.models import MLP
+    from lightning_manifold_mixup_recipes.models import MLP
 
     return MLP(40, 10, hidden=(256, 256))
 
 
 def _spiral_mlp() -> nn.Module:
-    from lightning_manifold_mixup.models import MLP
+    from lightning_manifold_mixup_recipes.models import MLP
 
     return MLP(2, 3, hidden=(64, 64), bottleneck=2, activation="tanh")
 
@@ -434,7 +434,7 @@ def flattening_preset(dataset: str = "mnist1d") -> Preset:
     dataset's preset (its data, steps, learning rate and alphas)."""
     if f"{dataset}_mlp" in PRESETS:
         return PRESETS[f"{dataset}_mlp"]
-    from lightning_manifold_mixup.models import MLP
+    from lightning_manifold_mixup_recipes.models import MLP
 
     base = PRESETS[dataset]
     in_features = {"mnist1d": 40, "digits": 64, "spirals": 2}[dataset]
