@@ -81,7 +81,8 @@ class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
         stop_epoch: from this epoch on no batch is mixed (mixing off at the end of training).
         cutmix_prob: chance that a mixed batch pastes a box from the partner sample instead of
             blending (CutMix on the input, PatchUp-style on hidden ``(B, C, H, W)`` states); lam
-            is then the kept area fraction, and the targets use that lam.
+            is then the kept area fraction, and the targets use that lam (integer class maps
+            get the partner's labels pasted in the same box instead).
         pairing: ``"local"`` pairs each sample with one of its own rank's batch (each
             data-parallel replica draws its own layer, lam and permutation; the processes of
             one tensor-parallel group read the same batch and draw the same). ``"global"``
@@ -99,6 +100,9 @@ class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
             own and their partner's mask, so the partner's tokens beyond the row's length stay
             visible to later layers (see ``docs/transformers.md``). Ignored when there is no
             such key; None keeps every row's own mask.
+        cutmix_alpha: ``Beta(cutmix_alpha, cutmix_alpha)`` for the box area of CutMix batches
+            (CutMix is usually run with 1.0 while manifold mixup uses 2.0); None uses
+            ``alpha``. The alpha schedule scales both alike.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -128,6 +132,7 @@ class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
         cutmix_prob: float = 0.0,
         pairing: Pairing = "local",
         attention_mask_key: str | None = "attention_mask",
+        cutmix_alpha: float | None = None,
     ) -> None:
         super().__init__()
         arguments = dict(locals())
@@ -226,7 +231,7 @@ class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
         lam = draw.lam if box is None else np.asarray(box.kept, dtype=np.float32)
         decision = MixDecision.of(draw, self.eligible, y.device, lam)
         partner = self._pairing.partner_targets(y, decision.index)
-        target = self._targets.mix(y, decision.lam, decision.index, partner, box)
+        target = self._targets.mix(y, decision.lam, decision.index, partner, box, policy.pastes)
         self._masks.apply(batch, x, decision.layer, decision.index, self._pairing.gather)
         if layer == INPUT:
             set_entry(batch, self.config.input_key, self._mix_input(x, decision), pl_module)

@@ -32,6 +32,14 @@ _NUMBERS: dict[str, tuple[str, float | None, float | None, bool, bool, bool]] = 
     "warmup_steps": ("an integer >= 0", 0, None, False, True, False),
     "stop_epoch": ("an integer >= 0 or None", 0, None, False, True, True),
     "cutmix_prob": ("in [0, 1]", 0.0, 1.0, False, False, False),
+    "cutmix_alpha": (
+        "a number > 0 or None (Beta(cutmix_alpha, cutmix_alpha))",
+        0.0,
+        None,
+        True,
+        False,
+        True,
+    ),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "lam_mode": ("batch", "sample"),
@@ -70,6 +78,7 @@ class MixupConfig:
     cutmix_prob: float = 0.0
     pairing: Pairing = "local"
     attention_mask_key: str | None = "attention_mask"
+    cutmix_alpha: float | None = None
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> MixupConfig:
@@ -120,6 +129,9 @@ class MixupConfig:
             fixed_lam=self.fixed_lam,
             lam_transform=self.lam_transform,
             rows=rows,
+            cutmix_alpha=None
+            if self.cutmix_alpha is None
+            else self.cutmix_alpha * alpha / self.alpha,
         )
 
     def hparams(self, layers: Sequence[str] | None = None, seed: int | None = None) -> dict:
@@ -184,6 +196,11 @@ def _problems(args: dict[str, Any]) -> list[str]:
         problems.append(
             "layer_weights must be finite non-negative numbers with a positive sum, got "
             f"{weights!r}"
+        )
+    if args.get("cutmix_alpha") is not None and args.get("cutmix_prob") == 0:
+        problems.append(
+            "cutmix_alpha is set but cutmix_prob=0, so no batch uses CutMix: set cutmix_prob > 0 "
+            "or leave cutmix_alpha=None"
         )
     cutmix = args.get("cutmix_prob")
     if cutmix is not None and _number_problem("cutmix_prob", cutmix) is None and cutmix > 0:

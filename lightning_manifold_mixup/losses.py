@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_manifold_mixup.targets import MixedTarget
+from lightning_manifold_mixup.targets import MixedTarget, one_hot_pair
 
-Criterion = Literal["ce", "bce"]
+Criterion = Literal["ce", "bce", "bce_with_logits"]
 Target = Tensor | MixedTarget
 
 
@@ -139,17 +139,195 @@ def mixup_loss(
     *,
     criterion: Criterion = "ce",
     label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    class_axis: int | None = None,
 ) -> Tensor:
-    """The training loss for mixed or unmixed batches.
+    """The training loss for mixed or unmixed batches, in float32.
 
     Args:
-        logits: ``(B, C)``.
-        target: class indices ``(B,)``, soft targets ``(B, C)`` or :class:`MixedTarget`.
-        criterion: ``"ce"`` (cross-entropy) or ``"bce"`` (BCE on softmax, as the paper's code).
-        label_smoothing: in ``[0, 1)``.
+        logits: ``(B, C)``; for class maps ``(B, C, d1, ...)`` or ``(B, d1, ..., C)``.
+        target: class indices ``(B,)``, soft targets ``(B, C)``, class maps ``(B, d1, ...)``
+            or a :class:`MixedTarget` of either.
+        criterion: ``"ce"`` (cross-entropy), ``"bce"`` (BCE on softmax, as the paper's code)
+            or ``"bce_with_logits"`` (multi-label: BCE on each logit against float targets).
+        label_smoothing: in ``[0, 1)`` (``"ce"`` and ``"bce"``).
+        ignore_index: label of entries that class maps leave out of the loss.
+        class_axis: ``1`` or ``-1``, for class-map logits whose shape fits both layouts.
     """
+    if criterion == "bce_with_logits":
+        return bce_with_logits_loss(logits, target)
+    if criterion not in ("ce", "bce"):
+        raise ValueError(f"unknown criterion {criterion!r}; use 'ce', 'bce' or 'bce_with_logits'")
+    maps = target.y_a if isinstance(target, MixedTarget) else target
+    if maps.ndim >= 2 and not maps.is_floating_point():
+        if criterion != "ce":
+            raise ValueError(
+                f"criterion={criterion!r} takes (B, C) targets; integer class maps of shape "
+                f"{tuple(maps.shape)} need criterion='ce'"
+            )
+        return dense_cross_entropy(
+            logits,
+            target,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            class_axis_hint=class_axis,
+        )
+    if maps.is_floating_point() and maps.ndim >= 2 and logits.ndim == maps.ndim + 1:
+        raise ValueError(
+            f"float targets of shape {tuple(maps.shape)} for logits of shape "
+            f"{tuple(logits.shape)} look like a mask of class indices stored as floats, which "
+            "cross-entropy would read as soft targets over the wrong axis: convert it to int64 "
+            "class indices (mask.long(), with ignore_index for pixels to leave out) in the "
+            "dataset or collate_fn"
+        )
     if criterion == "ce":
         return soft_cross_entropy(logits, target, label_smoothing=label_smoothing)
-    if criterion == "bce":
-        return bce_softmax_loss(logits, target, label_smoothing=label_smoothing)
-    raise ValueError(f"unknown criterion {criterion!r}; use 'ce' or 'bce'")
+    return bce_softmax_loss(logits, target, label_smoothing=label_smoothing)
+
+
+def class_axis(logits: Tensor, target_shape: tuple[int, ...], axis: int | None = None) -> int:
+    """The class axis of ``logits`` for integer targets of ``target_shape`` ``(B, d1, ...)``.
+
+    Found from the shapes: ``1`` for ``(B, C, d1, ...)`` (segmentation), the last axis for
+    ``(B, d1, ..., C)`` (token classification); ``(B, C)`` logits of ``(B,)`` labels give 1.
+    ``axis`` (1 or -1) settles shapes that fit both, which are never guessed.
+
+    Raises:
+        ValueError: the shapes fit neither layout, or both and ``axis`` is None.
+
+    Example:
+        >>> class_axis(torch.zeros(2, 5, 8, 8), (2, 8, 8))
+        1
+        >>> class_axis(torch.zeros(2, 7, 5), (2, 7))
+        2
+    """
+    batch, rest = target_shape[0], tuple(target_shape[1:])
+    shape = tuple(logits.shape)
+    first = logits.ndim == len(target_shape) + 1 and shape[0] == batch and shape[2:] == rest
+    last = logits.ndim == len(target_shape) + 1 and shape[0] == batch and shape[1:-1] == rest
+    if axis is not None and axis not in (1, -1, logits.ndim - 1):
+        raise ValueError(f"mixup_class_axis must be 1 or -1, got {axis!r}")
+    if axis is not None and (first if axis == 1 else last):
+        return 1 if axis == 1 else logits.ndim - 1
+    if first and last and axis is None:
+        raise ValueError(
+            f"logits of shape {shape} fit targets of shape {tuple(target_shape)} with the "
+            "classes on axis 1 and on the last axis alike, and the class axis is never "
+            "guessed: set mixup_class_axis = 1 (for (B, C, ...) logits) or -1 (for "
+            "(B, ..., C) logits) on the LightningModule, or pass class_axis= to mixup_loss"
+        )
+    if first or last:
+        return 1 if first else logits.ndim - 1
+    multi_label = ""
+    if shape == tuple(target_shape):
+        multi_label = (
+            "; integer targets of the logits' own shape look like multi-label 0/1 rows: make "
+            "them float (y.float()) and set mixup_criterion = 'bce_with_logits'"
+        )
+    raise ValueError(
+        f"logits of shape {shape} do not fit integer targets of shape {tuple(target_shape)}: "
+        f"expected (B, C, {', '.join(map(str, rest))}) or (B, {', '.join(map(str, rest))}, C)"
+        f" with B={batch}. Check that the model's output and the targets are of the same "
+        "samples and resolution (resize the masks, or upsample the logits)"
+        + ("" if axis is None else f", and mixup_class_axis={axis}")
+        + multi_label
+    )
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Integer labels lie in ``[0, num_classes)`` or equal ``ignore_index`` (a host read).
+
+    Example:
+        >>> check_labels(torch.tensor([[0, 2, -100]]), 3, -100)
+        >>> check_labels(torch.tensor([[0, 3]]), 3, -100)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must lie in [0, 3) or equal ignore_index=-100; found 3 ...
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        values = torch.unique(labels[bad])[:5].tolist()
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"found {', '.join(map(str, values))} ({int(bad.sum())} entries). Fix the "
+            f"dataset's labels, the number of classes on the class axis of the logits "
+            f"({num_classes}), or mixup_ignore_index on the LightningModule"
+        )
+
+
+def dense_cross_entropy(
+    logits: Tensor,
+    target: Tensor | MixedTarget,
+    *,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    class_axis_hint: int | None = None,
+) -> Tensor:
+    """Cross-entropy for integer class maps ``(B, d1, ...)``, plain or mixed, in float32.
+
+    For a :class:`MixedTarget` of maps this is
+    ``lam * CE(logits, y_a) + (1 - lam) * CE(logits, y_b)``, each term torch's mean over the
+    entries that are not ``ignore_index`` in that map (an entry ignored in one partner is
+    ignored in that partner's term only). A per-sample lam ``(B,)`` weighs each sample's
+    entries in the sum before the division by the count.
+
+    Args:
+        logits: ``(B, C, d1, ...)`` or ``(B, d1, ..., C)``; the class axis comes from the
+            shapes (:func:`class_axis`).
+        target: int64 ``(B, d1, ...)`` or a :class:`MixedTarget` of such maps.
+
+    Example:
+        >>> z = torch.zeros(1, 2, 1, 2)
+        >>> y_a, y_b = torch.tensor([[[0, 1]]]), torch.tensor([[[1, -100]]])
+        >>> pair = MixedTarget(y_a, y_b, torch.tensor(0.5))
+        >>> round(float(dense_cross_entropy(z, pair)), 4)  # log(2)
+        0.6931
+    """
+    maps = target.y_a if isinstance(target, MixedTarget) else target
+    axis = class_axis(logits, tuple(maps.shape), class_axis_hint)
+    with _no_autocast(logits.device.type):
+        z = logits.float()
+        if axis != 1:
+            z = z.movedim(axis, 1)
+        if not isinstance(target, MixedTarget):
+            return F.cross_entropy(
+                z, target, ignore_index=ignore_index, label_smoothing=label_smoothing
+            )
+        lam = target.lam.to(device=z.device, dtype=torch.float32)
+        if lam.ndim == 0:
+            ce_a, ce_b = (
+                F.cross_entropy(z, y, ignore_index=ignore_index, label_smoothing=label_smoothing)
+                for y in (target.y_a, target.y_b)
+            )
+            return lam * ce_a + (1.0 - lam) * ce_b
+        weights = lam.view(-1, *([1] * (maps.ndim - 1)))
+        terms = []
+        for y, w in ((target.y_a, weights), (target.y_b, 1.0 - weights)):
+            ce = F.cross_entropy(
+                z, y, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+            )
+            terms.append((ce * w).sum() / (y != ignore_index).sum())
+        return terms[0] + terms[1]
+
+
+def bce_with_logits_loss(logits: Tensor, target: Target) -> Tensor:
+    """``binary_cross_entropy_with_logits`` on (mixed) float targets, in float32.
+
+    The multi-label loss: ``target`` is float ``(B, C)`` (0/1 labels, mixed by the callback
+    into their blend); class indices and pairs become (mixed) one-hot rows first.
+
+    Example:
+        >>> round(float(bce_with_logits_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))), 4)
+        0.6931
+    """
+    num_classes = logits.shape[-1]
+    with _no_autocast(logits.device.type):
+        z = logits.float()
+        if isinstance(target, MixedTarget):
+            lam = target.lam.to(device=z.device, dtype=torch.float32).expand(z.shape[0])
+            soft = one_hot_pair(target.y_a, target.y_b, lam, num_classes)
+        elif target.is_floating_point():
+            soft = target.float()
+        else:
+            soft = F.one_hot(target, num_classes).float()
+        return F.binary_cross_entropy_with_logits(z, soft)

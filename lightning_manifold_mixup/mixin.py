@@ -13,7 +13,13 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
-from lightning_manifold_mixup.losses import Criterion, Target, mixup_loss
+from lightning_manifold_mixup.losses import (
+    Criterion,
+    Target,
+    check_labels,
+    class_axis,
+    mixup_loss,
+)
 from lightning_manifold_mixup.targets import MixedTarget
 
 
@@ -28,30 +34,48 @@ def dominant_class(target: Target) -> Tensor:
         tensor([1, 0])
     """
     if isinstance(target, MixedTarget):
-        lam = target.lam.expand(target.y_a.shape[0])
-        return torch.where(lam >= 0.5, target.y_a, target.y_b)
+        return torch.where(_rows(target.lam, target.y_a) >= 0.5, target.y_a, target.y_b)
     if target.is_floating_point():
         return target.argmax(dim=-1)
     return target
 
 
-def mixed_accuracy(logits: Tensor, target: Target) -> Tensor:
+def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tensor:
     """Per-row credit ``(B,)``: the target's weight on the predicted class.
 
     For a mix of ``y_a`` and ``y_b`` this is ``lam * [pred == y_a] + (1 - lam) * [pred == y_b]``,
-    accuracy against both labels weighted by lam; for class indices it is plain accuracy.
+    accuracy against both labels weighted by lam; for class indices it is plain accuracy. For
+    class maps ``(B, d1, ...)`` (``class_axis`` of the logits given) the credit is per entry.
 
     Example:
         >>> mixed_accuracy(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3]] * 2))
         tensor([0.7000, 0.3000])
     """
-    pred = logits.argmax(dim=-1)
+    pred = logits.argmax(dim=class_axis)
     if isinstance(target, MixedTarget):
-        lam = target.lam.expand(pred.shape[0]).float()
+        lam = _rows(target.lam, pred).float()
         return lam * (pred == target.y_a).float() + (1 - lam) * (pred == target.y_b).float()
     if target.is_floating_point():
         return target.gather(-1, pred.unsqueeze(-1)).squeeze(-1).float()
     return (pred == target).float()
+
+
+def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> bool:
+    """Check class maps' labels against the logits' classes; True once checked (or when the
+    target holds no class maps, so later batches are not looked at)."""
+    maps = target.y_a if isinstance(target, MixedTarget) else target
+    if maps.is_floating_point() or maps.ndim < 2:
+        return maps.ndim < 2 or maps.is_floating_point()
+    num_classes = logits.shape[class_axis(logits, tuple(maps.shape), axis)]
+    for labels in (target.y_a, target.y_b) if isinstance(target, MixedTarget) else (maps,):
+        check_labels(labels, num_classes, ignore_index)
+    return True
+
+
+def _rows(lam: Tensor, like: Tensor) -> Tensor:
+    """lam ``()`` or ``(B,)`` broadcast over ``like`` ``(B, d1, ...)``."""
+    lam = lam.expand(like.shape[0])
+    return lam.view(-1, *([1] * (like.ndim - 1)))
 
 
 def find_num_classes(module: object) -> int | None:
@@ -72,9 +96,13 @@ class ManifoldMixupMixin:
     them in place.
 
     Class attributes (override in the subclass or set in ``__init__``):
-        mixup_criterion: ``"ce"`` (cross-entropy) or ``"bce"`` (BCE on softmax, as the
-            paper's reference code).
+        mixup_criterion: ``"ce"`` (cross-entropy), ``"bce"`` (BCE on softmax, as the
+            paper's reference code) or ``"bce_with_logits"`` (multi-label float targets).
         mixup_label_smoothing: label smoothing in ``[0, 1)``.
+        mixup_ignore_index: label that class maps (segmentation masks, token labels) leave
+            out of the loss; ``-100`` as torch's cross-entropy.
+        mixup_class_axis: ``None`` finds the class axis of class-map logits from the shapes;
+            ``1`` (``(B, C, ...)``) or ``-1`` (``(B, ..., C)``) for shapes that fit both.
 
     Example:
         >>> import lightning as L
@@ -92,22 +120,34 @@ class ManifoldMixupMixin:
 
     mixup_criterion: Criterion = "ce"
     mixup_label_smoothing: float = 0.0
+    mixup_ignore_index: int = -100
+    mixup_class_axis: int | None = None
 
     def mixup_loss(self, logits: Tensor, target: Target) -> Tensor:
         """Loss for mixed (soft or pair) and unmixed (class index) targets, in float32.
 
         Args:
-            logits: ``(B, C)`` in any floating dtype.
-            target: int64 ``(B,)``, float ``(B, C)`` or :class:`MixedTarget`.
+            logits: ``(B, C)`` in any floating dtype; ``(B, C, d1, ...)`` or
+                ``(B, d1, ..., C)`` for class maps.
+            target: int64 ``(B,)``, float ``(B, C)``, int64 class maps ``(B, d1, ...)`` or a
+                :class:`MixedTarget` of labels or maps.
 
         Returns:
-            A float32 scalar, computed with autocast disabled.
+            A float32 scalar, computed with autocast disabled. The first class maps of a fit
+            are checked to lie in ``[0, C)`` or equal ``mixup_ignore_index`` (one host read),
+            so bad labels fail before any optimizer step.
         """
+        if not getattr(self, "_mixup_maps_checked", False):
+            self._mixup_maps_checked = _check_maps(
+                logits, target, self.mixup_ignore_index, self.mixup_class_axis
+            )
         return mixup_loss(
             logits,
             target,
             criterion=self.mixup_criterion,
             label_smoothing=self.mixup_label_smoothing,
+            ignore_index=self.mixup_ignore_index,
+            class_axis=self.mixup_class_axis,
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -162,13 +202,20 @@ class ManifoldMixupMixin:
         if trainer is None or not trainer._logger_connector.should_update_logs:
             return
         detached = logits.detach()
-        values = torch.stack(
-            [
-                loss.detach().float(),
-                (detached.argmax(-1) == dominant_class(target)).float().mean(),
-                mixed_accuracy(detached, target).float().mean(),
-            ]
-        )
+        dominant = dominant_class(target)
+        axis, valid = -1, None
+        maps = target.y_a if isinstance(target, MixedTarget) else target
+        if maps.ndim >= 2 and not maps.is_floating_point():  # class maps: per entry
+            axis = class_axis(detached, tuple(maps.shape), self.mixup_class_axis)
+            valid = (dominant != self.mixup_ignore_index).float()
+        hits = (detached.argmax(axis) == dominant).float()
+        credit = mixed_accuracy(detached, target, axis).float()
+        if valid is None:
+            accuracy, mixed = hits.mean(), credit.mean()
+        else:
+            count = valid.sum().clamp(min=1.0)
+            accuracy, mixed = (hits * valid).sum() / count, (credit * valid).sum() / count
+        values = torch.stack([loss.detach().float(), accuracy, mixed])
         # One device-to-host copy on logging steps: Lightning re-reads progress-bar values at
         # every later step, which must then be host tensors, not device ones.
         loss_v, acc_v, mixed_v = values.to("cpu", copy=True).unbind()
@@ -194,6 +241,8 @@ class ManifoldMixupMixin:
 
     def setup(self, stage: str) -> None:
         super().setup(stage)  # type: ignore[misc]
+        check_loss_attributes(self)
+        self._mixup_maps_checked = False  # each fit checks its first class maps
         # Lightning warns whenever a module overrides on_after_batch_transfer and a datamodule
         # is used; here the module's hook is the intended one (it only turns tuples into lists).
         warnings.filterwarnings(
@@ -234,4 +283,30 @@ def check_training_step(pl_module: pl.LightningModule) -> None:
             "ManifoldMixupCallback needs to see each training batch, but training_step "
             "takes a dataloader_iter (Lightning passes no batch to callbacks then). Use "
             "training_step(self, batch, batch_idx)."
+        )
+
+
+def check_loss_attributes(module: object) -> None:
+    """The mixin's loss attributes, checked before training starts."""
+    criterion = getattr(module, "mixup_criterion", "ce")
+    smoothing = getattr(module, "mixup_label_smoothing", 0.0)
+    ignore = getattr(module, "mixup_ignore_index", -100)
+    axis = getattr(module, "mixup_class_axis", None)
+    problems = []
+    if criterion not in ("ce", "bce", "bce_with_logits"):
+        problems.append(
+            f"mixup_criterion must be 'ce', 'bce' or 'bce_with_logits', got {criterion!r}"
+        )
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)):
+        problems.append(f"mixup_label_smoothing must be a number in [0, 1), got {smoothing!r}")
+    elif not 0.0 <= smoothing < 1.0:
+        problems.append(f"mixup_label_smoothing must be in [0, 1), got {smoothing!r}")
+    if isinstance(ignore, bool) or not isinstance(ignore, int):
+        problems.append(f"mixup_ignore_index must be an int (e.g. -100 or 255), got {ignore!r}")
+    if axis not in (None, 1, -1):
+        problems.append(f"mixup_class_axis must be None, 1 or -1, got {axis!r}")
+    if problems:
+        raise ValueError(
+            f"{type(module).__name__}: " + "; ".join(problems) + ". Set these class "
+            "attributes of the LightningModule (or assign them in __init__)."
         )

@@ -286,7 +286,11 @@ class MixPolicy(Protocol):
     ``place`` returns the CutMix box a tensor would get (None for policies without one); the
     callback calls it on the input to fix lam before the targets are mixed. ``mix`` returns the
     mixed object, how many tensors were mixed, and the box it used (None: lam is unchanged).
+    ``pastes`` says whether the batch's targets take a box too (class maps get the partner's
+    labels pasted in), rather than a blend.
     """
+
+    pastes: bool
 
     def place(self, h: Any, where: str) -> Box | None: ...
 
@@ -297,6 +301,8 @@ class MixPolicy(Protocol):
 
 class Blend:
     """``lam * h + (1 - lam) * h[index]`` for every batch tensor of the object (Manifold Mixup)."""
+
+    pastes = False
 
     def place(self, h: Any, where: str) -> Box | None:
         return None
@@ -319,6 +325,7 @@ class CutMix:
 
     area_lam: float
     center: tuple[float, float]
+    pastes = True
 
     def place(self, h: Any, where: str) -> Box:
         if not isinstance(h, Tensor) or h.ndim < 3:

@@ -3,7 +3,9 @@
 Each kind of target (:data:`TARGET_KINDS`) says how a batch of it is mixed with its partner rows
 by a blend (lam) and by a CutMix box. Float targets (one-hot, soft, multi-label, regression)
 blend as they are; integer class labels ``(B,)`` become float32 soft targets ``(B, C)`` or a
-:class:`MixedTarget` pair. A new kind of target is one class and one entry in the table.
+:class:`MixedTarget` pair; integer class maps ``(B, d1, ...)`` (segmentation masks, token
+labels) stay a :class:`MixedTarget` pair of maps, or under CutMix an integer map with the
+partner's box pasted in. A new kind of target is one class and one entry in the table.
 Plain torch, no Lightning import.
 
 Example:
@@ -27,8 +29,9 @@ class MixedTarget(NamedTuple):
     """Targets kept as a pair of class-index tensors and their weight (the "pair" form).
 
     Stands for the soft target ``lam * one_hot(y_a) + (1 - lam) * one_hot(y_b)`` without
-    materialising a ``(B, C)`` matrix. ``y_a`` and ``y_b`` are ``(B,)`` int64, ``lam`` is a
-    float32 tensor of shape ``()`` or ``(B,)``.
+    materialising a ``(B, C)`` matrix. ``y_a`` and ``y_b`` are int64 class labels ``(B,)`` or
+    class maps ``(B, d1, ...)`` (a segmentation mask, token labels), ``lam`` is a float32
+    tensor of shape ``()`` or ``(B,)``.
     """
 
     y_a: Tensor
@@ -120,7 +123,8 @@ class TargetKind(Protocol):
 
     ``blend`` mixes with ``lam`` (shape ``()`` or ``(B,)``), ``index`` (the ``(B,)`` partner
     rows) or ``partner`` (the partner rows themselves, when they come from other ranks);
-    ``cut`` mixes for a CutMix batch whose box is known, with ``lam`` its kept area.
+    ``cut`` mixes for a CutMix batch, with ``lam`` the box's kept area; its ``box`` is None
+    until the box is placed (at a hidden layer), when the result is rewritten in place.
     """
 
     def matches(self, y: Tensor) -> bool: ...
@@ -129,7 +133,9 @@ class TargetKind(Protocol):
         self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
     ) -> Any: ...
 
-    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any: ...
+    def cut(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+    ) -> Any: ...
 
 
 class FloatTargets:
@@ -146,7 +152,9 @@ class FloatTargets:
             return mix_targets_with_partner(y, partner, lam)
         return mix_tensor(y, lam, index)
 
-    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+    def cut(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+    ) -> Any:
         return self.blend(mixer, y, lam, index, None)
 
 
@@ -169,12 +177,48 @@ class ClassLabels:
             return MixedTarget(y, y.index_select(0, index.to(y.device)), lam_tensor(lam, y.device))
         return mixer.soft(y, lam, index, partner)
 
-    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+    def cut(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+    ) -> Any:
         return self.blend(mixer, y, lam, index, None)
 
 
+class DenseLabels:
+    """Integer class maps ``(B, d1, ...)``: segmentation masks ``(B, H, W)``, token labels
+    ``(B, T)``. A blend keeps them as a :class:`MixedTarget` pair (never a ``(B, C, ...)``
+    float map; the loss weighs the two maps' cross-entropies by lam). A CutMix batch pastes
+    the partner's labels in the box, scaled to the map's last two dims: the target stays an
+    exact integer map."""
+
+    def matches(self, y: Tensor) -> bool:
+        return y.ndim >= 2
+
+    def blend(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
+    ) -> Any:
+        y = y if y.dtype == torch.int64 else y.long()
+        if partner is None:
+            partner = y.index_select(0, index.to(y.device))
+        return MixedTarget(
+            y, partner.to(device=y.device, dtype=torch.int64), lam_tensor(lam, y.device)
+        )
+
+    def cut(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+    ) -> Any:
+        if box is None:  # placed later at a hidden layer: a map to rewrite in place then
+            return y.clone() if y.dtype == torch.int64 else y.long()
+        if y.ndim < 3:
+            raise ValueError(
+                f"CutMix pastes a box into the last two dimensions, but the integer targets "
+                f"have shape {tuple(y.shape)} (token labels (B, T) have one): set "
+                "cutmix_prob=0 for sequence targets"
+            )
+        return box.scaled(y.shape[-2], y.shape[-1]).paste(y, index.to(y.device))
+
+
 class _Unsupported:
-    """Targets that cannot be mixed: refused with the way out."""
+    """Boolean and complex targets: refused with the way out."""
 
     def matches(self, y: Tensor) -> bool:
         return True
@@ -184,23 +228,21 @@ class _Unsupported:
     ) -> Any:
         raise self._error(y)
 
-    def cut(self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box) -> Any:
+    def cut(
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+    ) -> Any:
         raise self._error(y)
 
     @staticmethod
     def _error(y: Tensor) -> Exception:
-        if y.dtype == torch.bool or y.is_complex():
-            return TypeError(
-                f"unsupported target dtype {y.dtype}: use int64 class labels or float targets"
-            )
-        return ValueError(
-            f"integer targets must be class labels of shape (B,), got shape "
-            f"{tuple(y.shape)}. Multi-label targets must be float (B, C) tensors."
+        return TypeError(
+            f"unsupported target dtype {y.dtype}: use int64 class labels (B,) or class maps "
+            "(B, d1, ...), or float targets (multi-label targets as float (B, C) 0/1 rows)"
         )
 
 
 # Looked up in order: the first kind that matches a target mixes it.
-TARGET_KINDS: list[TargetKind] = [FloatTargets(), ClassLabels(), _Unsupported()]
+TARGET_KINDS: list[TargetKind] = [FloatTargets(), ClassLabels(), DenseLabels(), _Unsupported()]
 
 
 def kind_of(y: Tensor) -> TargetKind:
@@ -237,12 +279,14 @@ class TargetMixer:
         index: Tensor,
         partner: Tensor | None = None,
         box: Box | None = None,
+        pastes: bool = False,
     ) -> Any:
         """Mixed targets; ``lam`` is a float tensor of shape ``()`` or ``(B,)``; ``partner``
-        holds the partner rows when they come from other ranks; ``box`` is the CutMix box of
-        the batch, when it has one (``lam`` is then its kept area)."""
+        holds the partner rows when they come from other ranks. ``pastes``: a CutMix batch,
+        whose ``box`` is given once placed (``lam`` is then its kept area); a box placed later
+        at a hidden layer gets the targets rewritten by :meth:`correct`."""
         kind = kind_of(y)
-        if box is not None:
+        if pastes or box is not None:
             return kind.cut(self, y, lam, index, box)
         return kind.blend(self, y, lam, index, partner)
 

@@ -401,7 +401,12 @@ def test_input_mixup_refuses_an_integer_tensor_of_a_dict_input_and_names_its_key
 def test_integer_multi_column_targets_are_refused() -> None:
     ds = TensorDataset(torch.randn(8, 8), torch.randint(0, 2, (8, 4)))
     cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
-    with pytest.raises(ValueError, match=r"integer targets must be class labels of shape \(B,\)"):
+    # Integer (B, T) targets are token labels; for (B, C) logits they fit no class axis.
+    with pytest.raises(
+        ValueError,
+        match=r"do not fit integer targets of shape \(4, 4\).*look like multi-label 0/1 rows: "
+        r"make them float \(y\.float\(\)\) and set mixup_criterion = 'bce_with_logits'",
+    ):
         quiet_trainer(max_steps=1, callbacks=[cb]).fit(
             MLPClassifier(), DataLoader(ds, batch_size=4)
         )
