@@ -237,8 +237,8 @@ class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
             set_entry(batch, self.config.input_key, self._mix_input(x, decision), pl_module)
         set_entry(batch, self.config.target_key, target, pl_module)
         self._batch.target = target
-        drawn = draw.lam  # host numbers: counting and logging never read the device
-        self._batch.record = (draw.layer, float(drawn if drawn.ndim == 0 else drawn.mean()))
+        # Host numbers (the kept area of an input box): counting and logging never read the device.
+        self._batch.record = (draw.layer, float(lam if lam.ndim == 0 else lam.mean()))
         self.current = decision
 
     def on_before_backward(

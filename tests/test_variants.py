@@ -190,6 +190,19 @@ def test_hidden_cutmix_logs_and_counts_the_kept_area_lam() -> None:
     assert list(cb.summary["lam_histogram"].values()) == [bins.count(i) for i in range(10)]
 
 
+def test_input_cutmix_logs_and_counts_the_kept_area_lam() -> None:
+    _, _, loader = _images()
+    cb = ManifoldMixupCallback(layers=["input"], cutmix_prob=1.0, seed=1)
+    logger = RecordingLogger()
+    rec = DecisionRecorder()
+    trainer = quiet_trainer(callbacks=[cb, rec], max_epochs=1, logger=logger, log_every_n_steps=1)
+    trainer.fit(ConvNet(), loader)
+    kept = [float(d.lam) for d in rec.decisions]  # type: ignore[union-attr]
+    assert logger.values("mixup/lam") == pytest.approx(kept) and len(kept) == 4
+    bins = [min(int(lam * 10), 9) for lam in kept]
+    assert list(cb.summary["lam_histogram"].values()) == [bins.count(i) for i in range(10)]
+
+
 def test_input_cutmix_matches_the_hand_computation() -> None:
     x, y, loader = _images()
     model = ConvNet()
