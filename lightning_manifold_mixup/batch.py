@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import Tensor
 
+from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.hf import check_input_mixable
 from lightning_manifold_mixup.layout import describe, map_batch
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin

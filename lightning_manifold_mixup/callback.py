@@ -6,11 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_manifold_mixup._lightning import (
+    CallbackBase,
+    pl,
+    rank_zero_info,
+    rank_zero_warn,
+)
 from lightning_manifold_mixup.batch import InFlight, check_input, input_and_target, set_entry
 from lightning_manifold_mixup.config import (
     AlphaSchedule,
@@ -41,7 +45,7 @@ from lightning_manifold_mixup.stream import DecisionStream
 from lightning_manifold_mixup.targets import TargetMixer
 
 
-class ManifoldMixupCallback(ConfigAttributes, pl.Callback):
+class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
     """Manifold Mixup (Verma et al., ICML 2019) as a Lightning callback.
 
     For every training batch of ``Trainer.fit`` it draws a layer ``k`` uniformly from the

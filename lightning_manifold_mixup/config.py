@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_manifold_mixup._lightning import MisconfigurationException
 from lightning_manifold_mixup.draw import Draw, LamMode, sample_decision
 
 TargetMode = Literal["soft", "pair"]

@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_manifold_mixup._lightning import rank_zero_warn
 from lightning_manifold_mixup.layers import is_hf_model
 from lightning_manifold_mixup.layout import describe, map_nested
 from lightning_manifold_mixup.targets import MixedTarget

@@ -15,11 +15,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_manifold_mixup._lightning import pl, rank_zero_warn
 from lightning_manifold_mixup.layout import describe, map_batch
 
 Mixer = Callable[[str, nn.Module, Any], Any]

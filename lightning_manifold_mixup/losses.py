@@ -29,9 +29,13 @@ Target = Tensor | MixedTarget
 
 def _no_autocast(device_type: str) -> AbstractContextManager[Any]:
     """Autocast off for ``device_type``; devices without autocast (e.g. ``meta``) need none."""
-    if not torch.amp.is_autocast_available(device_type):
+    available = getattr(torch.amp, "is_autocast_available", None)  # torch >= 2.4
+    if available is not None and not available(device_type):
         return nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # before torch 2.4: refused for a device without autocast
+        return nullcontext()
 
 
 class _PairCrossEntropy(torch.autograd.Function):

@@ -6,13 +6,16 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
+from lightning_manifold_mixup._lightning import (
+    MODULE_BASES,
+    MisconfigurationException,
+    is_param_in_hook_signature,
+    overrides,
+    pl,
+)
 from lightning_manifold_mixup.losses import (
     Criterion,
     Target,
@@ -272,8 +275,8 @@ def builds_layers_later(pl_module: pl.LightningModule) -> bool:
     """Whether the module defines configure_model or a setup of its own (beyond the mixin's),
     where layers may be created after the callback's setup hook."""
     setup = type(pl_module).setup
-    own_setup = setup not in (pl.LightningModule.setup, ManifoldMixupMixin.setup)
-    return own_setup or is_overridden("configure_model", pl_module)
+    own_setup = setup not in (*(b.setup for b in MODULE_BASES), ManifoldMixupMixin.setup)
+    return own_setup or overrides(pl_module, "configure_model")
 
 
 def check_training_step(pl_module: pl.LightningModule) -> None:

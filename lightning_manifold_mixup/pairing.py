@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_manifold_mixup._lightning import MisconfigurationException, pl, rank_zero_warn
 from lightning_manifold_mixup.draw import MixDecision
 from lightning_manifold_mixup.layout import map_batch
 from lightning_manifold_mixup.policies import mix_batch, mix_with_partner

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
+from lightning_manifold_mixup._lightning import pl
 
 LAM_BINS = 10
 

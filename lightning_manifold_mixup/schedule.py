@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_manifold_mixup._lightning import MisconfigurationException, pl
 from lightning_manifold_mixup.config import MixupConfig
 
 

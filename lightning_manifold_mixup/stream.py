@@ -11,10 +11,9 @@ import os
 import secrets
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_manifold_mixup._lightning import pl, rank_zero_warn
 from lightning_manifold_mixup.draw import KeyedStream
 
 

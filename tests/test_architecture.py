@@ -12,6 +12,7 @@ PACKAGE = ROOT / "lightning_manifold_mixup"
 
 # What each module may import of the package (docs/design.md). The plain-torch layers first.
 ALLOWED: dict[str, set[str]] = {
+    "_lightning": set(),
     "draw": set(),
     "layers": set(),
     "layout": {"layers"},

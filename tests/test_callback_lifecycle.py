@@ -294,7 +294,7 @@ def test_a_batch_that_stops_the_epoch_leaves_no_decision_behind() -> None:
 
 def _draws_of_fit(cb: ManifoldMixupCallback, seed: int, **fit_kwargs: Any) -> list[Any]:
     rec = DecisionRecorder()
-    L.seed_everything(seed, verbose=False)
+    L.seed_everything(seed)
     trainer = quiet_trainer(max_steps=3, callbacks=[cb, rec], **fit_kwargs)
     trainer.fit(MLPClassifier(), make_loader())
     return rec.draws
