@@ -19,7 +19,7 @@ from lightning_manifold_mixup.policies import (
 )
 from lightning_manifold_mixup.targets import MixedTarget, mix_targets, one_hot_mix
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ManifoldMixupCallback",

@@ -8,25 +8,45 @@ with ``--trainer.callbacks+=ManifoldMixupCallback``); ``compare``, ``flattening`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import lightning as L
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+__all__ = ["main", "run_experiment"]
 
-from lightning_manifold_mixup import ManifoldMixupCallback
-from lightning_manifold_mixup_recipes.classifier import MixupClassifier
+EXPERIMENTS = ("compare", "flattening", "spirals")
+# Packages of the examples extra, named in the message when one is missing.
+EXTRA_PACKAGES = {
+    "jsonargparse": "jsonargparse",
+    "matplotlib": "matplotlib",
+    "mnist1d": "mnist1d",
+    "sklearn": "scikit-learn",
+    "torchmetrics": "torchmetrics",
+    "torchvision": "torchvision",
+    "tqdm": "tqdm",
+}
+USAGE = """usage: lightning-manifold-mixup COMMAND [options]
 
-__all__ = ["ManifoldMixupCallback", "MixupCLI", "main"]
+Experiments (argparse; COMMAND --help for their options):
+  compare      no mixup vs input mixup vs manifold mixup, over seeds
+  flattening   per-class singular values of a hidden layer (paper section 3.2)
+  spirals      decision boundaries and a 2-D bottleneck (paper Figure 1)
+
+LightningCLI (MixupClassifier and any LightningDataModule; COMMAND --help):
+  fit, validate, test, predict
+
+Needs the examples extra: pip install 'lightning-manifold-mixup[examples]'"""
 
 
-class MixupCLI(LightningCLI):
-    """LightningCLI for :class:`MixupClassifier` and any LightningDataModule."""
+def __getattr__(name: str) -> Any:
+    if name == "MixupCLI":  # imported on use: it needs jsonargparse (the examples extra)
+        from lightning_manifold_mixup_recipes.lightning_cli import MixupCLI
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        return MixupCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _seeds(text: str) -> list[int]:
@@ -147,21 +167,26 @@ def _run_compare(args: argparse.Namespace) -> None:
         args.out.write_text(json.dumps(results, indent=2))
 
 
-EXPERIMENTS = ("compare", "flattening", "spirals")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in EXPERIMENTS:
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    # Every package of the extra is looked for before any work starts: one line, no traceback.
+    missing = [
+        pkg for name, pkg in EXTRA_PACKAGES.items() if importlib.util.find_spec(name) is None
+    ]
+    if missing:
+        raise SystemExit(
+            f"lightning-manifold-mixup {args[0]}: the {missing[0]} package is missing; install "
+            "the examples extra: pip install 'lightning-manifold-mixup[examples]'"
+        )
+    if args[0] in EXPERIMENTS:
         run_experiment(args)
         return
-    MixupCLI(
-        MixupClassifier,
-        L.LightningDataModule,
-        subclass_mode_data=True,
-        args=None if argv is None else args,
-        save_config_kwargs={"overwrite": True},
-    )
+    from lightning_manifold_mixup_recipes.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(None if argv is None else args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -229,8 +230,16 @@ def test_a_layer_that_runs_twice_warns_once_and_gets_the_same_mix() -> None:
 
 def test_automatic_layers_are_announced_at_fit_start(caplog: pytest.LogCaptureFixture) -> None:
     cb = ManifoldMixupCallback(seed=0)
-    with caplog.at_level("INFO"):
-        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+    # Before Lightning 2.5 its logger does not propagate to the root logger caplog watches.
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "pytorch_lightning")]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO"):
+            quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+    finally:
+        for logger in loggers:
+            logger.removeHandler(caplog.handler)
     assert cb.eligible == ["net.1", "net.3"]
     assert "mixing at ['net.1', 'net.3']" in caplog.text
 

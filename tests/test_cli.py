@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -9,7 +11,8 @@ import pytest
 
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup_recipes.classifier import MixupClassifier
-from lightning_manifold_mixup_recipes.cli import MixupCLI, _experiment_parser, main
+from lightning_manifold_mixup_recipes.cli import _experiment_parser, main
+from lightning_manifold_mixup_recipes.lightning_cli import MixupCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHORT = [
@@ -129,3 +132,36 @@ def test_default_seeds_are_ones_the_search_did_not_use() -> None:
 def test_compare_rejects_an_unknown_dataset() -> None:
     with pytest.raises(SystemExit):
         main(["compare", "--dataset", "imagenet"])
+
+
+def test_help_lists_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_manifold_mixup_recipes.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("compare", "flattening", "spirals", "fit", "validate", "test", "predict"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "package"),
+    [
+        (["compare", "--steps", "1"], "mnist1d", "mnist1d"),
+        (["fit", "--help"], "jsonargparse", "jsonargparse"),
+    ],
+)
+def test_a_missing_extra_gets_one_line_naming_the_pip_command(
+    command: list[str], missing: str, package: str
+) -> None:
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; "
+        f"from lightning_manifold_mixup_recipes.cli import main; main({command!r})"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"lightning-manifold-mixup {command[0]}: the {package} package is missing; install "
+        "the examples extra: pip install 'lightning-manifold-mixup[examples]'"
+    )

@@ -110,10 +110,19 @@ def _fresh_dynamo() -> None:
     counters.clear()
 
 
+# torch.compile of the mixing hooks fails in dynamo on torch 2.4.1 and 2.6.0 (the floor
+# environment of .ci/run); it is tested on the main environment's torch.
+compile_support = pytest.mark.skipif(
+    tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 7),
+    reason="torch.compile with the callback is tested on torch >= 2.7 (see docs/scale.md)",
+)
+
+
 def _unique_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+@compile_support
 def test_compiled_submodule_mixes_like_the_hand_computation_with_bounded_graphs() -> None:
     _fresh_dynamo()
     records: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
@@ -144,6 +153,7 @@ def test_compiled_submodule_mixes_like_the_hand_computation_with_bounded_graphs(
     assert _unique_graphs() <= len(cb.eligible) + 1
 
 
+@compile_support
 def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
     _fresh_dynamo()
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0)
@@ -160,6 +170,7 @@ def test_compiled_lightning_module_is_mixed_with_bounded_graphs() -> None:
     assert _unique_graphs() <= len(cb.eligible) + 1
 
 
+@compile_support
 def test_compiled_module_with_the_default_training_step_compiles_a_bounded_set() -> None:
     """The mixin's default step logs: its counters must not become guards of the graph."""
     _fresh_dynamo()
@@ -175,6 +186,7 @@ def test_compiled_module_with_the_default_training_step_compiles_a_bounded_set()
     assert "train_loss_step" in trainer.logged_metrics  # logging still happens
 
 
+@compile_support
 def test_forward_compiled_as_a_function_does_not_recompile_per_lam() -> None:
     """No compiled module to detect: the hook sees the trace and later lams come as tensors."""
     _fresh_dynamo()
