@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -166,15 +167,16 @@ def map_batch(
         >>> count
         3
     """
-    check = batch_size > 1
     if module is not None:
         module = unwrap_module(module)
-        if isinstance(obj, tuple) and len(obj) == 2:
-            for kind, rule in LAYOUT_RULES.items():
-                if isinstance(module, kind):
-                    return rule(module, obj, fn, batch_size, where)
+    site = Site(where, module, batch_size, fn)
+    if module is not None and isinstance(obj, tuple) and len(obj) == 2:
+        for kind, rule in LAYOUT_RULES.items():
+            if isinstance(module, kind):
+                return rule(site, obj)
     declared = None if module is None else batch_first_of(module)
     axis = 0 if declared is None or declared else 1
+    check = batch_size > 1
 
     def leaf(h: Tensor, path: str) -> tuple[Tensor, int]:
         other = 1 - axis
@@ -182,80 +184,123 @@ def map_batch(
             if h.is_floating_point():
                 return _along(h, axis, fn), 1
             if check:
-                raise _not_floating_error(h, path, batch_size, where, module)
+                raise site.not_floating(h, path)
             return h, 0
         if check and h.ndim > other and h.shape[other] == batch_size:
-            raise _ambiguous_error(h, path, axis, batch_size, where, module, declared)
+            raise site.ambiguous(h, path, axis, declared)
         return h, 0
 
-    return _walk(obj, leaf, refuse_packed=lambda path: _packed_error(path, where, module))
+    return _walk(obj, leaf, refuse_packed=site.packed)
 
 
 def _along(h: Tensor, axis: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return fn(h) if axis == 0 else fn(h.movedim(axis, 0)).movedim(0, axis)
 
 
-def _map_rnn(
-    module: nn.Module,
-    output: tuple[Any, Any],
-    fn: Callable[[Tensor], Tensor],
-    batch_size: int,
-    where: str,
-) -> tuple[Any, int]:
+@dataclass(frozen=True)
+class Site:
+    """Where a walk is: what it maps (``fn`` over ``batch_size`` rows), the module whose output
+    it is (None: the batch input) and how errors name it (``where``)."""
+
+    where: str
+    module: nn.Module | None
+    batch_size: int
+    fn: Callable[[Tensor], Tensor]
+
+    def strict(self, h: Any, path: str, axis: int, ndims: tuple[int, ...]) -> tuple[Tensor, int]:
+        """``fn`` along ``axis`` of a tensor of a known layout, or an error saying why it does
+        not fit."""
+        module = self.module
+        if not isinstance(h, Tensor) or h.ndim not in ndims or h.shape[axis] != self.batch_size:
+            got = f"shape {tuple(h.shape)}" if isinstance(h, Tensor) else f"a {type(h).__name__}"
+            dims = " or ".join(f"{n}-d" for n in ndims)
+            raise ValueError(
+                f"{self.where} ({type(module).__name__}) returned {got} at output{path}, where "
+                f"its layout puts the batch of {self.batch_size} on axis {axis} of a {dims} "
+                f"tensor. Feed it batched input in the layout its "
+                f"batch_first={getattr(module, 'batch_first', None)} says, or choose another "
+                "layer."
+            )
+        if not h.is_floating_point():
+            raise self.not_floating(h, path)
+        return _along(h, axis, self.fn), 1
+
+    def packed(self, path: str) -> ValueError:
+        at = (
+            f"{self.where}{path} is"
+            if self.module is None
+            else f"{self.where} returned, at output{path},"
+        )
+        return ValueError(
+            f"{at} a PackedSequence: its rows are time steps of the "
+            "length-sorted sequences, with no batch axis to mix. Mix a layer that returns padded "
+            "tensors instead (after torch.nn.utils.rnn.pad_packed_sequence, e.g. a module that "
+            "unpacks the RNN output), or the input before packing."
+        )
+
+    def not_floating(self, h: Tensor, path: str) -> ValueError:
+        held = f"a {h.dtype} tensor of shape {tuple(h.shape)}"
+        where, batch_size = self.where, self.batch_size
+        if self.module is None:
+            return ValueError(
+                f"input mixup needs a floating-point input: {where}{path} is {held}, which holds "
+                f"the batch of {batch_size} but cannot be mixed (mixing needs floating point), "
+                "and leaving it unmixed would pair it with mixed features. Remove 'input' from "
+                "layers for integer inputs (token ids, lengths) and mix a hidden layer instead "
+                "(e.g. the embedding's output), or move such tensors out of the input into "
+                "another key of the batch."
+            )
+        at = f" at output{path}" if path else ""
+        return ValueError(
+            f"{where} returned {held}{at}, which holds the batch of {batch_size} but no "
+            "floating values to mix (mixing needs floating point), and leaving it unmixed would "
+            "pair it with mixed features. Choose a layer whose output holds only floating batch "
+            "tensors (e.g. the module that consumes it)."
+        )
+
+    def ambiguous(self, h: Tensor, path: str, axis: int, declared: bool | None) -> ValueError:
+        other, shape, where, batch_size = 1 - axis, tuple(h.shape), self.where, self.batch_size
+        if self.module is None:
+            return ValueError(
+                f"{where}{path} has shape {shape}: the batch of {batch_size} is on axis {other}, "
+                f"not axis 0, so its batch axis is ambiguous. Input mixup mixes along axis 0: "
+                "make the input batch-major (B, ...), or remove 'input' from layers."
+            )
+        said = (
+            f"declares batch_first={declared}"
+            if declared is not None
+            else "declares no batch_first, so its outputs are taken as batch-major (B, ...)"
+        )
+        return ValueError(
+            f"{where} ({type(self.module).__name__}) {said}, but its output{path} has shape "
+            f"{shape}, with the batch of {batch_size} on axis {other} and not on axis {axis}: "
+            "the batch axis is ambiguous and is never guessed. Give the module a batch_first "
+            "attribute (True for (B, T, ...) outputs, False for (T, B, ...)), or choose a layer "
+            "with batch-major outputs."
+        )
+
+
+def _map_rnn(site: Site, output: tuple[Any, Any]) -> tuple[Any, int]:
     seq, state = output
     if isinstance(seq, PackedSequence):
-        raise _packed_error("[0]", where, module)
-    axis = 0 if getattr(module, "batch_first", False) else 1
-    seq, count = _strict(seq, "[0]", axis, (3,), fn, batch_size, where, module)
+        raise site.packed("[0]")
+    axis = 0 if getattr(site.module, "batch_first", False) else 1
+    seq, count = site.strict(seq, "[0]", axis, (3,))
     if isinstance(state, tuple):  # LSTM: (h_n, c_n)
-        parts = [
-            _strict(t, f"[1][{i}]", 1, (3,), fn, batch_size, where, module)
-            for i, t in enumerate(state)
-        ]
+        parts = [site.strict(t, f"[1][{i}]", 1, (3,)) for i, t in enumerate(state)]
         return (seq, tuple(p[0] for p in parts)), count + sum(p[1] for p in parts)
-    state, more = _strict(state, "[1]", 1, (3,), fn, batch_size, where, module)
+    state, more = site.strict(state, "[1]", 1, (3,))
     return (seq, state), count + more
 
 
-def _map_attention(
-    module: nn.Module,
-    output: tuple[Any, Any],
-    fn: Callable[[Tensor], Tensor],
-    batch_size: int,
-    where: str,
-) -> tuple[Any, int]:
+def _map_attention(site: Site, output: tuple[Any, Any]) -> tuple[Any, int]:
     attn, weights = output
-    axis = 0 if getattr(module, "batch_first", False) else 1
-    attn, count = _strict(attn, "[0]", axis, (3,), fn, batch_size, where, module)
+    axis = 0 if getattr(site.module, "batch_first", False) else 1
+    attn, count = site.strict(attn, "[0]", axis, (3,))
     if weights is not None:  # (B, L, S), or (B, heads, L, S) when not averaged
-        weights, more = _strict(weights, "[1]", 0, (3, 4), fn, batch_size, where, module)
+        weights, more = site.strict(weights, "[1]", 0, (3, 4))
         count += more
     return (attn, weights), count
-
-
-def _strict(
-    h: Any,
-    path: str,
-    axis: int,
-    ndims: tuple[int, ...],
-    fn: Callable[[Tensor], Tensor],
-    batch_size: int,
-    where: str,
-    module: nn.Module,
-) -> tuple[Tensor, int]:
-    """Apply ``fn`` along ``axis`` of a tensor of a known layout, or say why it does not fit."""
-    if not isinstance(h, Tensor) or h.ndim not in ndims or h.shape[axis] != batch_size:
-        got = f"shape {tuple(h.shape)}" if isinstance(h, Tensor) else f"a {type(h).__name__}"
-        dims = " or ".join(f"{n}-d" for n in ndims)
-        raise ValueError(
-            f"{where} ({type(module).__name__}) returned {got} at output{path}, where its layout "
-            f"puts the batch of {batch_size} on axis {axis} of a {dims} tensor. Feed it "
-            f"batched input in the layout its batch_first={getattr(module, 'batch_first', None)} "
-            "says, or choose another layer."
-        )
-    if not h.is_floating_point():
-        raise _not_floating_error(h, path, batch_size, where, module)
-    return _along(h, axis, fn), 1
 
 
 def describe(obj: Any) -> str:
@@ -265,9 +310,7 @@ def describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-LayoutRule = Callable[
-    [nn.Module, tuple[Any, Any], Callable[[Tensor], Tensor], int, str], tuple[Any, int]
-]
+LayoutRule = Callable[[Site, tuple[Any, Any]], tuple[Any, int]]
 
 # Module types whose two-element outputs have a fixed layout, each with the rule that maps the
 # batch function over it (strictly: a tensor off its layout is an error, never skipped). A new
@@ -276,66 +319,3 @@ LAYOUT_RULES: dict[type[nn.Module], LayoutRule] = {
     nn.RNNBase: _map_rnn,
     nn.MultiheadAttention: _map_attention,
 }
-
-
-def _packed_error(path: str, where: str, module: nn.Module | None) -> ValueError:
-    at = f"{where}{path} is" if module is None else f"{where} returned, at output{path},"
-    return ValueError(
-        f"{at} a PackedSequence: its rows are time steps of the "
-        "length-sorted sequences, with no batch axis to mix. Mix a layer that returns padded "
-        "tensors instead (after torch.nn.utils.rnn.pad_packed_sequence, e.g. a module that "
-        "unpacks the RNN output), or the input before packing."
-    )
-
-
-def _not_floating_error(
-    h: Tensor, path: str, batch_size: int, where: str, module: nn.Module | None
-) -> ValueError:
-    held = f"a {h.dtype} tensor of shape {tuple(h.shape)}"
-    if module is None:
-        return ValueError(
-            f"input mixup needs a floating-point input: {where}{path} is {held}, which holds the "
-            f"batch of {batch_size} but cannot be mixed (mixing needs floating point), and "
-            "leaving it unmixed would pair it with mixed features. Remove 'input' from layers "
-            "for integer inputs (token ids, lengths) and mix a hidden layer instead (e.g. the "
-            "embedding's output), or move such tensors out of the input into another key of the "
-            "batch."
-        )
-    at = f" at output{path}" if path else ""
-    return ValueError(
-        f"{where} returned {held}{at}, which holds the batch of {batch_size} but no "
-        "floating values to mix (mixing needs floating point), and leaving it unmixed would "
-        "pair it with mixed features. Choose a layer whose output holds only floating batch "
-        "tensors (e.g. the module that consumes it)."
-    )
-
-
-def _ambiguous_error(
-    h: Tensor,
-    path: str,
-    axis: int,
-    batch_size: int,
-    where: str,
-    module: nn.Module | None,
-    declared: bool | None,
-) -> ValueError:
-    other = 1 - axis
-    shape = tuple(h.shape)
-    if module is None:
-        return ValueError(
-            f"{where}{path} has shape {shape}: the batch of {batch_size} is on axis {other}, "
-            f"not axis 0, so its batch axis is ambiguous. Input mixup mixes along axis 0: make "
-            "the input batch-major (B, ...), or remove 'input' from layers."
-        )
-    said = (
-        f"declares batch_first={declared}"
-        if declared is not None
-        else "declares no batch_first, so its outputs are taken as batch-major (B, ...)"
-    )
-    return ValueError(
-        f"{where} ({type(module).__name__}) {said}, but its output{path} has shape {shape}, "
-        f"with the batch of {batch_size} on axis {other} and not on axis {axis}: the batch axis "
-        "is ambiguous and is never guessed. Give the module a batch_first attribute (True "
-        "for (B, T, ...) outputs, False for (T, B, ...)), or choose a layer with batch-major "
-        "outputs."
-    )
