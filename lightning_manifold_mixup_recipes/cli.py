@@ -100,26 +100,26 @@ def _experiment_parser() -> argparse.ArgumentParser:
 
 
 def run_experiment(argv: Sequence[str]) -> None:
-    from lightning_manifold_mixup_recipes import experiments as ex
+    from lightning_manifold_mixup_recipes import analysis
 
     args = _experiment_parser().parse_args(list(argv))
     if args.command == "compare":
         _run_compare(args)
     elif args.command == "flattening":
-        flat = ex.flattening(
+        flat = analysis.flattening(
             args.dataset,
             seeds=args.seeds,
             steps=args.steps,
             holdout=args.holdout,
             accelerator=args.accelerator,
         )
-        print(ex.format_flattening(flat, args.dataset))
+        print(analysis.format_flattening(flat, args.dataset))
         if args.out is not None:
             args.out.write_text(json.dumps(flat, indent=2))
         if args.plot is not None:
-            ex.plot_spectra(flat, str(args.plot))
+            analysis.plot_spectra(flat, str(args.plot))
     else:
-        errors = ex.spirals_figure(
+        errors = analysis.spirals_figure(
             str(args.out),
             steps=args.steps,
             seed=args.seed,

@@ -13,13 +13,12 @@ from torch import nn
 
 from conftest import quiet_trainer
 from lightning_manifold_mixup.layers import resolve_layers
+from lightning_manifold_mixup_recipes.analysis import flattening, flattening_preset
 from lightning_manifold_mixup_recipes.classifier import MixupClassifier
 from lightning_manifold_mixup_recipes.data import SpiralsDataModule
 from lightning_manifold_mixup_recipes.experiments import (
     PRESETS,
     evaluate,
-    flattening,
-    flattening_preset,
     format_table,
     has_holdout,
     train,
