@@ -13,7 +13,6 @@ from lightning_manifold_mixup._lightning import (
     CallbackBase,
     pl,
     rank_zero_info,
-    rank_zero_warn,
 )
 from lightning_manifold_mixup.batch import InFlight, check_input, input_and_target, set_entry
 from lightning_manifold_mixup.config import (
@@ -31,9 +30,8 @@ from lightning_manifold_mixup.hooks import HookSet, check_output, no_float_outpu
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
 from lightning_manifold_mixup.layout import is_batch_major
 from lightning_manifold_mixup.mixin import (
-    NO_MIXIN,
-    ManifoldMixupMixin,
     builds_layers_later,
+    check_module,
     check_training_step,
     find_num_classes,
 )
@@ -194,17 +192,14 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         check_run_length(config, trainer)
         self._stream.configured_seed = config.seed
         self._stream.start_fit(trainer)
-        classes = config.num_classes
-        if classes is None:
-            classes = find_num_classes(pl_module)
+        classes = find_num_classes(pl_module) if config.num_classes is None else config.num_classes
         self._targets = TargetMixer(config.targets, classes)
         self._record = MixRecord(self.eligible)
         self._automatic = bool(pl_module.automatic_optimization)
+        check_module(pl_module)
         self._install_hooks(pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
-        if not isinstance(pl_module, ManifoldMixupMixin):
-            rank_zero_warn(NO_MIXIN.format(name=type(pl_module).__name__))
         rank_zero_info(
             f"ManifoldMixupCallback: mixing at {self.eligible} with alpha={config.alpha}, "
             f"probability={config.probability}, lam_mode={config.lam_mode!r}"

@@ -15,6 +15,7 @@ from lightning_manifold_mixup._lightning import (
     is_param_in_hook_signature,
     overrides,
     pl,
+    rank_zero_warn,
 )
 from lightning_manifold_mixup.losses import (
     Criterion,
@@ -313,3 +314,33 @@ def check_loss_attributes(module: object) -> None:
             f"{type(module).__name__}: " + "; ".join(problems) + ". Set these class "
             "attributes of the LightningModule (or assign them in __init__)."
         )
+
+
+# torch.compile of the mixing hooks fails in dynamo on torch 2.4.1 and 2.6.0 and works from
+# 2.7.1 on (docs/scale.md).
+COMPILE_MIN_TORCH = (2, 7)
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def check_compile(pl_module: torch.nn.Module) -> None:
+    """A compiled module (``trainer.fit(torch.compile(model))``, ``torch.compile(submodule)``,
+    ``m.compile()``) needs a torch whose dynamo traces the mixing hooks."""
+    compiled = getattr(pl_module, "_compiler_ctx", None) is not None or any(
+        isinstance(getattr(m, "_orig_mod", None), torch.nn.Module)
+        or getattr(m, "_compiled_call_impl", None) is not None
+        for m in pl_module.modules()
+    )
+    if compiled and TORCH_VERSION < COMPILE_MIN_TORCH:
+        raise MisconfigurationException(
+            f"ManifoldMixupCallback: torch.compile with the mixing hooks needs torch >= "
+            f"{'.'.join(map(str, COMPILE_MIN_TORCH))} (dynamo fails on them before), but torch "
+            f"{torch.__version__} is installed. Upgrade torch, or fit the module uncompiled."
+        )
+
+
+def check_module(pl_module: torch.nn.Module) -> None:
+    """At fit start: a compiled module needs a recent torch; a module without the mixin is
+    warned that its loss receives mixed targets as they are."""
+    check_compile(pl_module)
+    if not isinstance(pl_module, ManifoldMixupMixin):
+        rank_zero_warn(NO_MIXIN.format(name=type(pl_module).__name__))
