@@ -134,12 +134,11 @@ class MixDecision:
     lam: Tensor = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        host = np.asarray(self.host_lam, dtype=np.float32)
-        lam = (
-            lam_tensor(float(host), self.device)
-            if host.ndim == 0
-            else host_to_device(host, self.device)
-        )
+        host = np.array(self.host_lam, dtype=np.float32)  # a copy: lam may be rewritten in place
+        if host.ndim == 0 and self.device.type != "cpu":
+            lam = lam_tensor(float(host), self.device)  # a fill on the device: no host copy
+        else:
+            lam = host_to_device(host, self.device)  # on the CPU: the array itself, no operation
         object.__setattr__(self, "lam", lam)
 
     @classmethod
