@@ -233,7 +233,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         target = self._targets.mix(y, decision.lam, decision.index, partner, box, policy.pastes)
         self._masks.apply(batch, x, decision.layer, decision.index, self._pairing.gather)
         if layer == INPUT:
-            set_entry(batch, self.config.input_key, self._mix_input(x, decision), pl_module)
+            set_entry(batch, self.config.input_key, self._mix_input(x, decision, box), pl_module)
         set_entry(batch, self.config.target_key, target, pl_module)
         self._batch.target = target
         # Host numbers (the kept area of an input box): counting and logging never read the device.
@@ -309,12 +309,12 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         total, mine = self._pairing.draw_rows(rows, device)
         return self.config.sample(rng, alpha, total, mine, len(self.eligible), self._weights)
 
-    def _mix_input(self, x: Any, decision: MixDecision) -> Any:
+    def _mix_input(self, x: Any, decision: MixDecision, box: Box | None) -> Any:
         batch = self._batch
         assert batch is not None and batch.policy is not None
         where = f"the input at input_key={self.config.input_key!r}"
         blend = self._blender(decision, where)
-        mixed, count, _ = batch.policy.mix(x, decision, blend, INPUT)
+        mixed, count, _ = batch.policy.mix(x, decision, blend, INPUT, box)
         if count == 0:
             check_input(x, batch.rows, self.config.input_key)
         return mixed

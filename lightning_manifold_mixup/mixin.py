@@ -64,16 +64,14 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     return (pred == target).float()
 
 
-def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> bool:
-    """Check class maps' labels against the logits' classes; True once checked (or when the
-    target holds no class maps, so later batches are not looked at)."""
+def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> None:
+    """Check class maps' labels against the logits' classes (other targets need no check)."""
     maps = target.y_a if isinstance(target, MixedTarget) else target
     if maps.is_floating_point() or maps.ndim < 2:
-        return maps.ndim < 2 or maps.is_floating_point()
+        return
     num_classes = logits.shape[class_axis(logits, tuple(maps.shape), axis)]
     for labels in (target.y_a, target.y_b) if isinstance(target, MixedTarget) else (maps,):
         check_labels(labels, num_classes, ignore_index)
-    return True
 
 
 def _rows(lam: Tensor, like: Tensor) -> Tensor:
@@ -142,9 +140,8 @@ class ManifoldMixupMixin:
             so bad labels fail before any optimizer step.
         """
         if not getattr(self, "_mixup_maps_checked", False):
-            self._mixup_maps_checked = _check_maps(
-                logits, target, self.mixup_ignore_index, self.mixup_class_axis
-            )
+            _check_maps(logits, target, self.mixup_ignore_index, self.mixup_class_axis)
+            self._mixup_maps_checked = True
         return mixup_loss(
             logits,
             target,

@@ -284,8 +284,9 @@ class MixPolicy(Protocol):
     """How one batch mixes: the input at the batch start, a hidden layer in its forward hook.
 
     ``place`` returns the CutMix box a tensor would get (None for policies without one); the
-    callback calls it on the input to fix lam before the targets are mixed. ``mix`` returns the
-    mixed object, how many tensors were mixed, and the box it used (None: lam is unchanged).
+    callback calls it on the input to fix lam before the targets are mixed, and hands that box
+    back to ``mix``. ``mix`` returns the mixed object, how many tensors were mixed, and the box
+    it used (None: lam is unchanged).
     ``pastes`` says whether the batch's targets take a box too (class maps get the partner's
     labels pasted in), rather than a blend.
     """
@@ -295,7 +296,7 @@ class MixPolicy(Protocol):
     def place(self, h: Any, where: str) -> Box | None: ...
 
     def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str
+        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
     ) -> tuple[Any, int, Box | None]: ...
 
 
@@ -308,7 +309,7 @@ class Blend:
         return None
 
     def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str
+        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
     ) -> tuple[Any, int, Box | None]:
         mixed, count = blend(obj)
         return mixed, count, None
@@ -342,9 +343,9 @@ class CutMix:
         return Box(*cutmix_box(height, width, self.area_lam, self.center), height, width)
 
     def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str
+        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
     ) -> tuple[Any, int, Box | None]:
-        box = self.place(obj, where)
+        box = box or self.place(obj, where)
         return box.paste(obj, decision.index), 1, box
 
 

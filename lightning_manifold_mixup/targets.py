@@ -168,13 +168,11 @@ class ClassLabels:
     def blend(
         self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
     ) -> Any:
+        if mixer.mode == "pair":
+            return _pair(y, lam, index, partner)
         y = y if y.dtype == torch.int64 else y.long()  # scatter and gather take int64
         if partner is not None:
             partner = partner if partner.dtype == torch.int64 else partner.long()
-        if mixer.mode == "pair":
-            if partner is not None:
-                return mix_targets_with_partner(y, partner, lam, pair=True)
-            return MixedTarget(y, y.index_select(0, index.to(y.device)), lam_tensor(lam, y.device))
         return mixer.soft(y, lam, index, partner)
 
     def cut(
@@ -196,12 +194,7 @@ class DenseLabels:
     def blend(
         self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
     ) -> Any:
-        y = y if y.dtype == torch.int64 else y.long()
-        if partner is None:
-            partner = y.index_select(0, index.to(y.device))
-        return MixedTarget(
-            y, partner.to(device=y.device, dtype=torch.int64), lam_tensor(lam, y.device)
-        )
+        return _pair(y, lam, index, partner)
 
     def cut(
         self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
@@ -215,6 +208,16 @@ class DenseLabels:
                 "cutmix_prob=0 for sequence targets"
             )
         return box.scaled(y.shape[-2], y.shape[-1]).paste(y, index.to(y.device))
+
+
+def _pair(y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None) -> MixedTarget:
+    """Integer labels or maps and their partners' (``y[index]``, or ``partner`` from other
+    ranks) as an int64 :class:`MixedTarget`."""
+    y = y if y.dtype == torch.int64 else y.long()  # gather and cross-entropy take int64
+    if partner is None:
+        partner = y.index_select(0, index.to(y.device))
+    partner = partner.to(device=y.device, dtype=torch.int64)
+    return MixedTarget(y, partner, lam_tensor(lam, y.device))
 
 
 class _Unsupported:
@@ -286,7 +289,7 @@ class TargetMixer:
         whose ``box`` is given once placed (``lam`` is then its kept area); a box placed later
         at a hidden layer gets the targets rewritten by :meth:`correct`."""
         kind = kind_of(y)
-        if pastes or box is not None:
+        if pastes:
             return kind.cut(self, y, lam, index, box)
         return kind.blend(self, y, lam, index, partner)
 
@@ -325,7 +328,7 @@ class TargetMixer:
         if isinstance(target, MixedTarget):
             target.lam.copy_(lam)
         elif isinstance(target, Tensor):
-            target.copy_(self.mix(original, lam, index, box=box))
+            target.copy_(self.mix(original, lam, index, box=box, pastes=box is not None))
 
     def _classes(self) -> int:
         if self.num_classes is None:

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from conftest import MLPClassifier, make_loader, quiet_trainer
 from helpers import DecisionRecorder, RunRecorder
 from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup.mixin import TORCH_VERSION
 
 
 class Recording(MLPClassifier):
@@ -111,7 +112,7 @@ def _fresh_dynamo() -> None:
     counters.clear()
 
 
-TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+TORCH = TORCH_VERSION
 # torch.compile of the mixing hooks fails in dynamo on torch 2.4.1 and 2.6.0 (the floor
 # environment of .ci/run is 2.4.1). On 2.7.1 a compiled submodule or function keeps its graphs
 # bounded, but a LightningModule compiled whole recompiles (11 graphs where 3 are expected);
