@@ -12,7 +12,7 @@ from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.hf import check_input_mixable
 from lightning_manifold_mixup.layout import describe, map_batch
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin
-from lightning_manifold_mixup.policies import MixPolicy
+from lightning_manifold_mixup.policies import Box, MixPolicy
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
@@ -107,6 +107,8 @@ class InFlight:
 
     original: Tensor  # the target as the batch brought it
     rows: int  # local batch size
+    clean_input: Any = None  # the input as the batch brought it (before input mixup)
     target: Any = None  # the mixed target handed to training_step
     policy: MixPolicy | None = None  # how this batch mixes (None: not mixed)
     record: tuple[int, float] | None = None  # (layer position, lam) to count at the end
+    box: Box | None = None  # the CutMix box, once placed (on the input or the hidden layer)

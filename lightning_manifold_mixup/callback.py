@@ -28,7 +28,7 @@ from lightning_manifold_mixup.draw import LamMode, MixDecision
 from lightning_manifold_mixup.hf import MaskUnion, guard_hf_labels
 from lightning_manifold_mixup.hooks import HookSet, check_output, no_float_output
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
-from lightning_manifold_mixup.layout import is_batch_major
+from lightning_manifold_mixup.layout import describe, is_batch_major
 from lightning_manifold_mixup.mixin import (
     builds_layers_later,
     check_module,
@@ -39,7 +39,7 @@ from lightning_manifold_mixup.pairing import LocalPairing, make_pairing
 from lightning_manifold_mixup.policies import Blender, Box, make_policy
 from lightning_manifold_mixup.record import MixRecord, step_completes
 from lightning_manifold_mixup.schedule import alpha_at, check_run_length
-from lightning_manifold_mixup.stream import DecisionStream
+from lightning_manifold_mixup.stream import DecisionStream, warn_restarted_loader
 from lightning_manifold_mixup.targets import TargetMixer
 
 
@@ -140,7 +140,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         arguments = dict(locals())
         del arguments["self"], arguments["__class__"]
         self.config = MixupConfig.from_arguments(**arguments)
-        self.current: MixDecision | None = None  # the decision of the batch in flight
+        self._current: MixDecision | None = None
         self.eligible: list[str] = []
         self.summary: dict[str, Any] = {}
         self._stream = DecisionStream(self.config.seed)
@@ -153,6 +153,68 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self._batch: InFlight | None = None
         self._weights: np.ndarray | None = None
         self._automatic = True
+        self._resumed = False  # the next batch is the first after a resume
+
+    @property
+    def current(self) -> MixDecision | None:
+        """The decision of the training batch in flight (None outside one, or when the batch
+        is not mixed): ``layer``, ``layer_index``, ``lam`` (``()`` or ``(B,)``), ``index``."""
+        return self._current
+
+    @current.setter
+    def current(self, decision: MixDecision | None) -> None:
+        self._current = decision
+        self._hooks.chosen = None if decision is None else decision.layer
+
+    @property
+    def clean_input(self) -> Any:
+        """The input of the training batch in flight as the batch brought it, before input
+        mixup rewrote ``batch[input_key]`` (a teacher for distillation runs on it); None outside
+        a training batch."""
+        return None if self._batch is None else self._batch.clean_input
+
+    def mix_like(self, t: Tensor) -> Tensor:
+        """``t`` mixed exactly as the training batch in flight: the same lam and partner rows.
+
+        ``t`` is ``(B, ...)``, a float tensor with the batch's rows (a teacher's logits or
+        features, say). A blended batch gives ``lam * t + (1 - lam) * t[index]`` (lam of shape
+        ``()`` or ``(B,)``, broadcast); on a CutMix batch a ``(B, C, H, W)`` ``t`` gets the
+        partner's box pasted in, scaled to ``t``'s ``(H, W)``, and other shapes are blended
+        with the kept-area lam. Outside a mixed training batch ``t`` is returned unchanged.
+        With CutMix at a hidden layer, the box exists once that layer has run: call this after
+        the model's forward.
+
+        Example (distillation, inside ``training_step``)::
+
+            with torch.no_grad():
+                teacher_logits = self.teacher(mixup.clean_input)
+            soft = mixup.mix_like(teacher_logits.softmax(-1))
+        """
+        decision, batch = self._current, self._batch
+        if decision is None or batch is None:
+            return t
+        rows = batch.rows
+        if (
+            not isinstance(t, Tensor)
+            or not t.is_floating_point()
+            or t.ndim == 0
+            or (t.shape[0] != rows)
+        ):
+            raise ValueError(
+                f"ManifoldMixupCallback.mix_like needs a float tensor of {rows} rows (the "
+                f"batch's), got {describe(t)}."
+            )
+        if batch.policy is not None and batch.policy.pastes:
+            if batch.box is None:
+                raise RuntimeError(
+                    "ManifoldMixupCallback.mix_like: this CutMix batch is boxed at layer "
+                    f"{decision.layer!r}, whose box is placed when it runs; call mix_like after "
+                    "the model's forward."
+                )
+            if t.ndim >= 3:
+                return batch.box.scaled(t.shape[-2], t.shape[-1]).paste(t, decision.index)
+        mixed, _ = self._pairing.mix(t, decision, rows, "mix_like(t)")
+        return mixed
 
     @property
     def mixup_batch_keys(self) -> tuple[int | str, int | str]:
@@ -197,7 +259,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self._record = MixRecord(self.eligible)
         self._automatic = bool(pl_module.automatic_optimization)
         check_module(pl_module)
-        self._install_hooks(pl_module)
+        self._install_hooks(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
         rank_zero_info(
@@ -207,15 +269,25 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stream.start_training(trainer)
+        self._resumed = trainer.ckpt_path is not None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._end_batch()
+        if self._resumed:
+            self._resumed = False
+            warn_restarted_loader(trainer, batch_idx)
+        # (fit_loop._skip_backward's own attribute: the property costs a Python call per batch)
+        if trainer.fit_loop.epoch_loop.automatic_optimization._skip_backward:
+            # StochasticWeightAveraging's BatchNorm pass: no backward and no optimizer step
+            # follow, so the batch is neither mixed nor drawn for (the averaged model's
+            # statistics are those of clean features, and the stream stays where it was).
+            return
         alpha = self.alpha_at(trainer)
         rng = self._stream.next(self._pairing.stream_key)
         x, y, rows = input_and_target(batch, self.config.input_key, self.config.target_key)
-        self._batch = InFlight(original=y, rows=rows)
+        self._batch = InFlight(original=y, rows=rows, clean_input=x)
         self._hooks.arm()
         if self._hooks.probe is not None and INPUT in self.eligible:
             check_input(x, rows, self.config.input_key)
@@ -228,6 +300,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         # A box on the input is placed now, so lam (its kept area) is final for the targets.
         box = policy.place(x, INPUT) if layer == INPUT else None
         lam = draw.lam if box is None else np.asarray(box.kept, dtype=np.float32)
+        self._batch.box = box
         decision = MixDecision.of(draw, self.eligible, y.device, lam)
         partner = self._pairing.partner_targets(y, decision.index)
         target = self._targets.mix(y, decision.lam, decision.index, partner, box, policy.pastes)
@@ -238,7 +311,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self._batch.target = target
         # Host numbers (the kept area of an input box): counting and logging never read the device.
         self._batch.record = (draw.layer, float(lam if lam.ndim == 0 else lam.mean()))
-        self.current = decision
+        self._current, self._hooks.chosen = decision, decision.layer
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -321,7 +394,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
 
     def _mix_output(self, name: str, module: nn.Module, output: Any) -> Any:
         """The forward hook's work for the chosen layer: its output, mixed."""
-        decision, batch = self.current, self._batch
+        decision, batch = self._current, self._batch
         assert decision is not None and batch is not None and batch.policy is not None
         blend = self._blender(decision, f"layer {name!r}", module, self._batch_major[name])
         mixed, count, box = batch.policy.mix(output, decision, blend, name)
@@ -346,9 +419,10 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         """A box placed at a hidden layer fixes lam (its kept area) only now that the layer's
         size is known: the decision is replaced and the targets rewritten in place
         (training_step holds them)."""
-        batch, decision = self._batch, self.current
+        batch, decision = self._batch, self._current
         assert batch is not None and decision is not None
-        self.current = decision = decision.with_lam(box.kept)
+        self._current = decision = decision.with_lam(box.kept)
+        batch.box = box
         self._targets.correct(batch.target, batch.original, decision.lam, decision.index, box)
         if batch.record is not None:
             batch.record = (batch.record[0], box.kept)
@@ -366,29 +440,25 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
             raise
 
     def _end_batch(self) -> None:
-        self.current = None
+        self._current = None
         self._batch = None
         self._hooks.disarm()
 
-    def _install_hooks(self, pl_module: pl.LightningModule) -> None:
+    def _install_hooks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         modules = named_layers(pl_module)
         hooked = {name: modules[name] for name in self.eligible if name != INPUT}
         self._batch_major = {name: is_batch_major(module) for name, module in hooked.items()}
-        self._hooks.install(
-            pl_module, hooked, self._mix_output, self._check_output, self._mixing_at
-        )
-        self._hooks.handles += guard_hf_labels(
-            pl_module, self._targets_in_flight, self.config.target_key
-        )
+        self._hooks.install(trainer, hooked, self._mix_output, self._check_output)
+        guard_hf_labels(pl_module, self._hooks.add, self._targets_in_flight, self.config.target_key)
         self._masks = MaskUnion(self.config.attention_mask_key)
-        self._hooks.handles += self._masks.watch(modules, self.eligible, self._mixing_at)
+        self._masks.watch(self._hooks.add, modules, self.eligible, self._mixing_at)
 
     def _targets_in_flight(self) -> tuple[Any, Any]:
         batch = self._batch
         return (None, None) if batch is None else (batch.original, batch.target)
 
     def _mixing_at(self) -> str | None:
-        return None if self.current is None else self.current.layer
+        return None if self._current is None else self._current.layer
 
     def _remove_hooks(self) -> None:
         self._hooks.remove()

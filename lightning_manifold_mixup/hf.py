@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_manifold_mixup._lightning import rank_zero_warn
 from lightning_manifold_mixup.layers import is_hf_model
@@ -35,6 +34,8 @@ from lightning_manifold_mixup.targets import MixedTarget
 # What the callback has in flight for the current training batch: the batch's own target
 # (before mixing) and the mixed target that replaced it (None when the batch is not mixed).
 TargetsInFlight = Callable[[], tuple[Any, Any]]
+# Registers a forward hook (a pre-hook with kwargs when pre=True) for the fit: HookSet.add.
+AddHook = Callable[..., None]
 
 
 def _config(module: nn.Module) -> Any:
@@ -62,8 +63,8 @@ def _fix_message(name: str, module: nn.Module, target_key: int | str, found: str
 
 
 def guard_hf_labels(
-    model: nn.Module, in_flight: TargetsInFlight, target_key: int | str
-) -> list[RemovableHandle]:
+    model: nn.Module, add: AddHook, in_flight: TargetsInFlight, target_key: int | str
+) -> None:
     """Hooks that stop a Hugging Face model from computing its loss on the training targets.
 
     On every submodule that :func:`is_hf_model`, a forward pre-hook raises ``RuntimeError``
@@ -77,23 +78,19 @@ def guard_hf_labels(
 
     Args:
         model: searched with ``named_modules()`` (a LightningModule).
+        add: registers a hook, ``add(module, fn, pre=...)`` (:meth:`HookSet.add`).
         in_flight: returns ``(original, mixed)`` for the training batch in flight, both None
             outside training batches (validation is never checked).
         target_key: where the targets sit in the batch, for the message.
-
-    Returns:
-        The hook handles (two per model found); remove them when fit ends.
     """
-    handles: list[RemovableHandle] = []
     for name, module in model.named_modules():
         if is_hf_model(module):
-            handles.extend(_guard_one(name, module, in_flight, target_key))
-    return handles
+            _guard_one(name, module, add, in_flight, target_key)
 
 
 def _guard_one(
-    name: str, module: nn.Module, in_flight: TargetsInFlight, target_key: int | str
-) -> list[RemovableHandle]:
+    name: str, module: nn.Module, add: AddHook, in_flight: TargetsInFlight, target_key: int | str
+) -> None:
     before: list[Any] = []
 
     def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -121,10 +118,8 @@ def _guard_one(
                 + f"\nThe forward set config.problem_type to {new!r}; it was restored to {old!r}."
             )
 
-    return [
-        module.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        module.register_forward_hook(post_hook),
-    ]
+    add(module, pre_hook, pre=True)
+    add(module, post_hook)
 
 
 def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
@@ -218,10 +213,11 @@ class MaskUnion:
 
     def watch(
         self,
+        add: AddHook,
         modules: Mapping[str, nn.Module],
         names: Sequence[str],
         mixing_at: Callable[[], str | None],
-    ) -> list[RemovableHandle]:
+    ) -> None:
         """Forward hooks on the layers ``names`` that check the mixed output's token dimension.
 
         ``mixing_at`` returns the layer the batch in flight is mixed at (None when no mix is
@@ -230,7 +226,7 @@ class MaskUnion:
         models carry no extra hook.
         """
         if self.key is None or not any(is_hf_model(m) for m in modules.values()):
-            return []
+            return
 
         def checker(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -242,7 +238,9 @@ class MaskUnion:
 
             return hook
 
-        return [modules[n].register_forward_hook(checker(n)) for n in names if n in modules]
+        for name in names:
+            if name in modules:
+                add(modules[name], checker(name))
 
     def _check(self, name: str, output: Any, length: int) -> None:
         first = _first_tensor(output)

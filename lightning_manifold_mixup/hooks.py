@@ -1,9 +1,16 @@
 """``HookSet``: the forward hooks on the eligible layers and the window in which they mix.
 
 A layer's output is mixed only inside ``training_step`` (the window opens at the batch start
-and closes when ``training_step`` returns) and during backward (activation checkpointing
-recomputes forwards there; those runs get the same mix and are not counted). Forwards by
-other callbacks, by ``on_before_optimizer_step`` or by validation see the unmixed model.
+and closes when the strategy's ``training_step`` returns) and during backward (activation
+checkpointing recomputes forwards there; those runs get the same mix and are not counted).
+Forwards by other callbacks, by ``on_before_optimizer_step`` or by validation see the unmixed
+model.
+
+What a hooked module holds is plain data: a :class:`Hook` with a token and a key. The work
+lives in the ``HookSet`` of the running fit, found through the token, and it is done only for
+the module object the hook was registered on. So a module pickles, ``torch.save``-s and
+deep-copies at any point of a fit, and a copy (an EMA or mean teacher, a snapshot) or an
+unpickled module is never mixed or counted: its hooks find no live set, or a different module.
 
 In the first training step of a fit every eligible layer is checked: it must run and its
 output must hold something to mix. Layers that run more than once in a step are reported.
@@ -12,6 +19,7 @@ output must hold something to mix. Layers that run more than once in a step are 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,46 +31,107 @@ from lightning_manifold_mixup.layout import describe, map_batch
 
 Mixer = Callable[[str, nn.Module, Any], Any]
 
+_LIVE: dict[int, HookSet] = {}  # token -> the hook set of a fit in progress
+_TOKENS = itertools.count(1)
+
+
+class Hook:
+    """A forward (pre-)hook as stored on a module: a token and a key, nothing else.
+
+    It calls the function its live :class:`HookSet` registered under ``key``, and only when the
+    module it runs on is the module object that function was registered for. Copies and
+    unpickled modules carry the same token and key, find no live set or another module, and
+    return None (their forward is untouched).
+    """
+
+    __slots__ = ("key", "token")
+
+    def __init__(self, token: int, key: int) -> None:
+        self.token = token
+        self.key = key
+
+    def __call__(self, module: nn.Module, *args: Any) -> Any:
+        hooks = _LIVE.get(self.token)
+        if hooks is None:
+            return None
+        owner, fn = hooks.entries[self.key]
+        if owner is not module:
+            return None
+        return fn(module, *args)
+
+
+class _StepWindow:
+    """The strategy's ``training_step`` while a fit runs: it closes the mixing window when the
+    step returns (stored on the strategy, which user code does not copy or pickle)."""
+
+    __slots__ = ("original", "token")
+
+    def __init__(self, token: int, original: Callable[..., Any]) -> None:
+        self.token = token
+        self.original = original
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            hooks = _LIVE.get(self.token)
+            if hooks is not None:
+                hooks.in_step = False
+
 
 class HookSet:
     """Forward hooks on the eligible layers, the mixing window, run counts and checks."""
 
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
+        self.entries: dict[int, tuple[nn.Module, Callable[..., Any]]] = {}
+        self.token = 0
         self.in_step = False
         self.in_backward = False
-        self._chosen: Callable[[], str | None] = _nothing
+        self.chosen: str | None = None  # the layer the batch in flight is mixed at
         self.calls = 0  # runs of the chosen layer in this step (not counting recomputation)
         self.probe: dict[str, int] | None = None  # runs per layer in the first step
         self._warned: set[str] = set()
-        self._unwrap: Callable[[], None] | None = None
+        self._strategy: Any = None
+        self._mix: Mixer = _no_mixer
+        self._check: Mixer = _no_mixer
 
     def install(
-        self,
-        pl_module: pl.LightningModule,
-        layers: dict[str, nn.Module],
-        mix: Mixer,
-        check: Mixer,
-        chosen: Callable[[], str | None],
+        self, trainer: pl.Trainer, layers: dict[str, nn.Module], mix: Mixer, check: Mixer
     ) -> None:
-        """Hook ``layers``; ``chosen()`` names the layer the batch in flight is mixed at,
-        ``mix(name, module, output)`` mixes its output and ``check`` inspects every layer's
-        output in the first training step."""
+        """Hook ``layers``; ``mix(name, module, output)`` mixes the output of the layer named by
+        :attr:`chosen`, and ``check`` inspects every layer's output in the first training step."""
         self.remove()
-        self._chosen = chosen
+        self.token = next(_TOKENS)
+        _LIVE[self.token] = self
+        self._mix, self._check = mix, check
         self.probe = dict.fromkeys(layers, 0)
         self._warned = set()
         for name, module in layers.items():
-            self.handles.append(module.register_forward_hook(self._hook(name, mix, check)))
-        self._wrap_training_step(pl_module)
+            self.add(module, functools.partial(self._on_output, name))
+        self._wrap_training_step(trainer.strategy)
+
+    def add(self, module: nn.Module, fn: Callable[..., Any], *, pre: bool = False) -> None:
+        """Run ``fn`` as a forward hook of ``module`` (a forward pre-hook with kwargs when
+        ``pre``) until :meth:`remove`; only ``module`` itself, not a copy, runs it."""
+        key = len(self.entries)
+        self.entries[key] = (module, fn)
+        hook = Hook(self.token, key)
+        if pre:
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            self.handles.append(module.register_forward_hook(hook))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        if self._unwrap is not None:
-            self._unwrap()
-            self._unwrap = None
+        self.entries = {}
+        _LIVE.pop(self.token, None)
+        strategy, self._strategy = self._strategy, None
+        window = None if strategy is None else strategy.__dict__.get("training_step")
+        if isinstance(window, _StepWindow) and window.token == self.token:
+            del strategy.__dict__["training_step"]
         self.disarm()
 
     def arm(self) -> None:
@@ -72,24 +141,22 @@ class HookSet:
 
     def disarm(self) -> None:
         self.in_step = self.in_backward = False
+        self.chosen = None
 
-    def _hook(self, name: str, mix: Mixer, check: Mixer) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> Any:
-            if not (self.in_step or self.in_backward):
-                return None  # a forward outside the training step (another hook, a probe)
-            if self.probe is not None and not self.in_backward:
-                self.probe[name] += 1
-                if self.probe[name] == 1:
-                    check(name, module, output)
-            if self._chosen() != name:
-                return None
-            if not self.in_backward:
-                self.calls += 1
-                if self.calls == 2:
-                    self.warn_repeated({name: 2})
-            return mix(name, module, output)
-
-        return hook
+    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
+        if not (self.in_step or self.in_backward):
+            return None  # a forward outside the training step (another hook, a probe)
+        if self.probe is not None and not self.in_backward:
+            self.probe[name] += 1
+            if self.probe[name] == 1:
+                self._check(name, module, output)
+        if self.chosen != name:
+            return None
+        if not self.in_backward:
+            self.calls += 1
+            if self.calls == 2:
+                self.warn_repeated({name: 2})
+        return self._mix(name, module, output)
 
     def finish_probe(self) -> None:
         """After the first training step's forwards: every eligible layer ran."""
@@ -127,27 +194,14 @@ class HookSet:
             "not intended."
         )
 
-    def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
-        """Close the window when ``training_step`` returns."""
-        original = pl_module.training_step
-
-        @functools.wraps(original)
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.in_step = False
-
-        pl_module.__dict__["training_step"] = training_step
-
-        def unwrap() -> None:
-            if pl_module.__dict__.get("training_step") is training_step:
-                del pl_module.__dict__["training_step"]
-
-        self._unwrap = unwrap
+    def _wrap_training_step(self, strategy: Any) -> None:
+        """Close the window when the strategy's ``training_step`` (which Lightning calls for
+        every training step, around the module's) returns."""
+        strategy.__dict__["training_step"] = _StepWindow(self.token, strategy.training_step)
+        self._strategy = strategy
 
 
-def _nothing() -> None:
+def _no_mixer(name: str, module: nn.Module, output: Any) -> Any:
     return None
 
 

@@ -165,7 +165,7 @@ class ManifoldMixupMixin:
 
         ``x`` and ``y`` are read at the callback's ``input_key`` and ``target_key`` (0 and 1
         without the callback). Logging costs no host-device synchronisation per step: see
-        :meth:`log_train_metrics`.
+        :meth:`log_train_metrics`. With ``Trainer(barebones=True)`` nothing is logged.
         """
         input_key, target_key = self.mixup_batch_keys()
         x, y = batch[input_key], batch[target_key]
@@ -200,7 +200,7 @@ class ManifoldMixupMixin:
         sums.add_(loss.detach().float(), alpha=rows)
         self._train_rows += rows
         trainer = getattr(self, "_trainer", None)
-        if trainer is None or not trainer._logger_connector.should_update_logs:
+        if trainer is None or trainer.barebones or not trainer._logger_connector.should_update_logs:
             return
         detached = logits.detach()
         dominant = dominant_class(target)
@@ -234,7 +234,7 @@ class ManifoldMixupMixin:
         """Log ``train_loss_epoch``; subclasses that override this hook call ``super()``."""
         super().on_train_epoch_end()  # type: ignore[misc]
         rows = getattr(self, "_train_rows", 0)
-        if rows:
+        if rows and not self.trainer.barebones:  # type: ignore[attr-defined]
             mean = self._train_loss_sum / rows
             self.log("train_loss_epoch", mean, prog_bar=True, sync_dist=True)  # type: ignore[attr-defined]
             self._train_loss_sum.zero_()

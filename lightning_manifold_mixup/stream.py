@@ -12,6 +12,7 @@ import secrets
 from typing import Any
 
 import numpy as np
+from torch.utils._pytree import tree_leaves
 
 from lightning_manifold_mixup._lightning import pl, rank_zero_warn
 from lightning_manifold_mixup.draw import KeyedStream
@@ -99,3 +100,27 @@ def _fresh_run(trainer: pl.Trainer) -> bool:
     if trainer.ckpt_path is not None:
         return False
     return int(trainer.fit_loop.epoch_loop.batch_progress.total.ready) == 0
+
+
+def warn_restarted_loader(trainer: pl.Trainer, batch_idx: int) -> None:
+    """At the first batch after a resume: warn when the run resumed mid-epoch on a loader
+    without state. Lightning then restarts the epoch's data from its first batch while the
+    stream goes on by batch count, so each decision falls on another batch than in the
+    uninterrupted run (same draws by step, different data)."""
+    loaders = tree_leaves(trainer.train_dataloader)
+    if batch_idx == 0 or any(_stateful(loader) for loader in loaders):
+        return
+    rank_zero_warn(
+        f"ManifoldMixupCallback: the fit resumed at batch {batch_idx} of an epoch, and the "
+        "training dataloader has no state, so Lightning restarts the epoch's data from its "
+        "first batch. The mixing decisions continue by batch count, so they fall on other "
+        "batches than in the uninterrupted run. For an exact resume use a stateful loader "
+        "(torchdata's StatefulDataLoader, or any loader with state_dict/load_state_dict), "
+        "or checkpoint at epoch ends."
+    )
+
+
+def _stateful(loader: Any) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(
+        getattr(loader, "load_state_dict", None)
+    )

@@ -32,13 +32,17 @@ def fake_trainer(**fields: Any) -> Any:
     one process, no logger, step 0, an unbounded run; ``fields`` override any of these."""
     progress = SimpleNamespace(total=SimpleNamespace(ready=0))
     fit_loop = SimpleNamespace(
-        epoch_loop=SimpleNamespace(batch_progress=progress, _batches_that_stepped=0),
+        epoch_loop=SimpleNamespace(
+            batch_progress=progress,
+            _batches_that_stepped=0,
+            automatic_optimization=SimpleNamespace(_skip_backward=False),
+        ),
         _should_accumulate=lambda: False,
     )
     defaults: dict[str, Any] = {
         "global_rank": 0,
         "world_size": 1,
-        "strategy": None,
+        "strategy": fake_strategy(),
         "loggers": [],
         "global_step": 0,
         "current_epoch": 0,
@@ -50,6 +54,12 @@ def fake_trainer(**fields: Any) -> Any:
         "estimated_stepping_batches": float("inf"),
     }
     return SimpleNamespace(**{**defaults, **fields})
+
+
+def fake_strategy(**fields: Any) -> Any:
+    """A stand-in for the Trainer's strategy: a ``training_step`` (which the callback wraps to
+    close its mixing window) and ``fields``."""
+    return SimpleNamespace(training_step=lambda *args, **kwargs: None, **fields)
 
 
 def mixup_of(trainer: L.Trainer) -> ManifoldMixupCallback:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -21,7 +20,7 @@ from conftest import (
     quiet_trainer,
     tuple_collate,
 )
-from helpers import DecisionRecorder, KeepsTargets, draws, fake_trainer, mixup_of
+from helpers import DecisionRecorder, KeepsTargets, draws, fake_strategy, fake_trainer, mixup_of
 from lightning_manifold_mixup import ManifoldMixupCallback
 
 
@@ -341,7 +340,7 @@ def test_state_loaded_by_test_does_not_leak_into_the_next_fit(tmp_path: Any) -> 
 def test_without_a_seed_every_rank_takes_rank_zeros_seed(monkeypatch: Any) -> None:
     """A run seeded per rank (seed_everything(base + rank)) still shares one stream seed."""
     monkeypatch.setenv("PL_GLOBAL_SEED", "41")  # this rank's own seed
-    strategy = SimpleNamespace(broadcast=lambda obj, src: 40 if src == 0 else obj)
+    strategy = fake_strategy(broadcast=lambda obj, src: 40 if src == 0 else obj)
     trainer = fake_trainer(world_size=2, global_rank=1, strategy=strategy)
     cb = ManifoldMixupCallback(layers=["net.1"])
     cb.on_fit_start(trainer, MLPClassifier())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -25,7 +24,7 @@ from conftest import (
     quiet_trainer,
     tuple_collate,
 )
-from helpers import KeepsTargets, fake_trainer
+from helpers import KeepsTargets, fake_strategy, fake_trainer
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
     ManifoldMixupMixin,
@@ -147,7 +146,7 @@ def test_global_pairing_is_refused_when_processes_split_the_model() -> None:
     """Four processes as 2 data-parallel replicas x 2 tensor-parallel shards (2D parallelism):
     the gather would collect each replica's batch twice. (With one replica, global pairing is
     local pairing and only warns.)"""
-    strategy = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
+    strategy = fake_strategy(distributed_sampler_kwargs={"num_replicas": 2, "rank": 0})
     trainer = fake_trainer(world_size=4, global_rank=1, strategy=strategy)
     cb = ManifoldMixupCallback(
         layers=["input", "net.1", "net.3"], seed=5, pairing="global", log=False
