@@ -1,4 +1,4 @@
-"""The Lightning namespaces in use: ``lightning.pytorch``, legacy ``pytorch_lightning``, or both.
+"""Owns the Lightning namespace in use: ``lightning.pytorch``, ``pytorch_lightning``, or both.
 
 ``pip install lightning`` installs both namespaces, as two copies of the same classes; code
 written for Lightning 1.x imports ``pytorch_lightning`` alone. The callback's base class and the

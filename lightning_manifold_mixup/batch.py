@@ -1,4 +1,5 @@
-"""Reading and rewriting the input and target of a training batch, in place."""
+"""Owns the training batch in flight: reading and rewriting its input and target in place, and
+:class:`InFlight`, the one object that holds its state between its start and its end."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 from torch import Tensor
 
 from lightning_manifold_mixup._lightning import pl
+from lightning_manifold_mixup.draw import MixDecision
 from lightning_manifold_mixup.hf import check_input_mixable
-from lightning_manifold_mixup.layout import describe, map_batch
+from lightning_manifold_mixup.layout import batch_size_of, map_batch
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin
-from lightning_manifold_mixup.policies import Box, MixPolicy
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
@@ -81,34 +82,28 @@ def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningMod
     raise TypeError(f"ManifoldMixupCallback cannot rewrite a {kind} in place. {fix}")
 
 
-def batch_size_of(x: Any) -> int:
-    if isinstance(x, Tensor):
-        if x.ndim == 0:
-            raise ValueError("the batch input is a 0-d tensor; it needs a batch dimension")
-        return int(x.shape[0])
-    if isinstance(x, Mapping):
-        for value in x.values():
-            return batch_size_of(value)
-    if isinstance(x, (list, tuple)) and x:
-        return batch_size_of(x[0])
-    raise ValueError(f"cannot find the batch size of the input: got {describe(x)}")
-
-
 def check_input(x: Any, rows: int, input_key: int | str) -> None:
     """Input mixup needs a floating-point tensor to mix (token ids get the way out) and no
     batch tensor beside it that cannot be mixed (``map_batch`` refuses those)."""
-    check_input_mixable(x, input_key)
+    check_input_mixable(x, rows, input_key)
     map_batch(x, lambda t: t, rows, where=f"the input at input_key={input_key!r}")
 
 
 @dataclasses.dataclass
 class InFlight:
-    """The training batch between its start and its end: what later hooks need of it."""
+    """The training batch between its start and its end: everything later hooks need of it.
+
+    ``decision`` is what the batch mixes (None: not mixed; ``callback.current``), with the
+    batch's policy and, once placed, its box. ``in_step`` and ``in_backward`` are the mixing
+    window: forwards are mixed inside ``training_step`` and during its backward only.
+    """
 
     original: Tensor  # the target as the batch brought it
     rows: int  # local batch size
     clean_input: Any = None  # the input as the batch brought it (before input mixup)
+    decision: MixDecision | None = None
     target: Any = None  # the mixed target handed to training_step
-    policy: MixPolicy | None = None  # how this batch mixes (None: not mixed)
     record: tuple[int, float] | None = None  # (layer position, lam) to count at the end
-    box: Box | None = None  # the CutMix box, once placed (on the input or the hidden layer)
+    mask_length: int | None = None  # length of the attention mask replaced by the union
+    in_step: bool = True
+    in_backward: bool = False

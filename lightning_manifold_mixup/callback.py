@@ -1,34 +1,31 @@
-"""``ManifoldMixupCallback``: Lightning's hooks wired to the parts that mix a batch (config,
-stream, draw, policies, targets, pairing, hooks, record; see docs/design.md)."""
+"""Owns the wiring: ``ManifoldMixupCallback``, Lightning's hooks calling the parts that mix a
+batch (config, stream, draw, policies, targets, pairing, hooks, record; see docs/design.md)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch import Tensor, nn
 
-from lightning_manifold_mixup._lightning import (
-    CallbackBase,
-    pl,
-    rank_zero_info,
-)
+from lightning_manifold_mixup._lightning import CallbackBase, pl, rank_zero_info
 from lightning_manifold_mixup.batch import InFlight, check_input, input_and_target, set_entry
 from lightning_manifold_mixup.config import (
     AlphaSchedule,
-    ConfigAttributes,
     LamTransform,
     MixupConfig,
     Pairing,
+    PolicyName,
     TargetMode,
     layer_weight_array,
 )
-from lightning_manifold_mixup.draw import LamMode, MixDecision
+from lightning_manifold_mixup.draw import Draw, LamMode, MixDecision
 from lightning_manifold_mixup.hf import MaskUnion, guard_hf_labels
-from lightning_manifold_mixup.hooks import HookSet, check_output, no_float_output
+from lightning_manifold_mixup.hooks import HookSet, no_float_output
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
-from lightning_manifold_mixup.layout import describe, is_batch_major
+from lightning_manifold_mixup.layout import describe, is_batch_major, map_batch
 from lightning_manifold_mixup.mixin import (
     builds_layers_later,
     check_module,
@@ -36,14 +33,14 @@ from lightning_manifold_mixup.mixin import (
     find_num_classes,
 )
 from lightning_manifold_mixup.pairing import LocalPairing, make_pairing
-from lightning_manifold_mixup.policies import Blender, Box, make_policy
+from lightning_manifold_mixup.policies import Blend, CutMix, MixPolicy, mix_with_partner
 from lightning_manifold_mixup.record import MixRecord, step_completes
 from lightning_manifold_mixup.schedule import alpha_at, check_run_length
 from lightning_manifold_mixup.stream import DecisionStream, warn_restarted_loader
 from lightning_manifold_mixup.targets import TargetMixer
 
 
-class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
+class ManifoldMixupCallback(CallbackBase):
     """Manifold Mixup (Verma et al., ICML 2019) as a Lightning callback.
 
     For every training batch of ``Trainer.fit`` it draws a layer ``k`` uniformly from the
@@ -93,10 +90,10 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
             permutation of the ``world_size * B`` rows; the hidden states are all-gathered
             with autograd, so gradients flow back to the rank that owns the partner row, and
             inputs and targets are all-gathered too. It costs collectives every training
-            batch, needs the same batch size on every rank (``drop_last=True``) and cannot be
-            combined with CutMix. ``MixDecision.index`` then holds global row indices. With
-            one data-parallel replica it behaves as ``"local"`` (with a warning); with tensor
-            parallelism it is refused.
+            batch and needs the same batch size on every rank (``drop_last=True``); every
+            policy and CutMix work with it. ``MixDecision.index`` then holds global row
+            indices. With one data-parallel replica it behaves as ``"local"`` (with a
+            warning); with tensor parallelism it is refused.
         attention_mask_key: the key of a ``(B, L)`` attention mask in a dict batch or in a
             dict input (``batch[input_key]``); rows of a mixed batch get the union of their
             own and their partner's mask, so the partner's tokens beyond the row's length stay
@@ -105,6 +102,14 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         cutmix_alpha: ``Beta(cutmix_alpha, cutmix_alpha)`` for the box area of CutMix batches
             (CutMix is usually run with 1.0 while manifold mixup uses 2.0); None uses
             ``alpha``. The alpha schedule scales both alike.
+        policy: how a mixed batch combines each tensor with its partner rows: a name or a
+            policy object. ``"blend"`` (manifold mixup, the default), ``"nfm"``
+            (:class:`~lightning_manifold_mixup.NoisyFeatureMixup`: a blend, then noise),
+            ``"mixstyle"`` (:class:`~lightning_manifold_mixup.MixStyle`: per-channel
+            statistics mixed, targets untouched), ``"patchup-soft"``
+            (:class:`~lightning_manifold_mixup.PatchUpSoft`: a blend inside a box); an object
+            such as ``NoisyFeatureMixup(add_noise_level=0.2)`` sets its arguments. CutMix
+            batches (``cutmix_prob``) paste whatever the policy.
 
     Example:
         >>> cb = ManifoldMixupCallback(layers=["input", "net.layer1"], alpha=2.0)
@@ -135,12 +140,12 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         pairing: Pairing = "local",
         attention_mask_key: str | None = "attention_mask",
         cutmix_alpha: float | None = None,
+        policy: PolicyName | MixPolicy = "blend",
     ) -> None:
         super().__init__()
         arguments = dict(locals())
         del arguments["self"], arguments["__class__"]
-        self.config = MixupConfig.from_arguments(**arguments)
-        self._current: MixDecision | None = None
+        self.config = MixupConfig(**arguments)
         self.eligible: list[str] = []
         self.summary: dict[str, Any] = {}
         self._stream = DecisionStream(self.config.seed)
@@ -148,6 +153,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self._batch_major: dict[str, bool] = {}  # per hooked layer: outputs batch on axis 0
         self._record = MixRecord([])
         self._pairing = LocalPairing(0)
+        self._policy: MixPolicy = Blend()
         self._targets = TargetMixer(self.config.targets, self.config.num_classes)
         self._masks = MaskUnion(self.config.attention_mask_key)
         self._batch: InFlight | None = None
@@ -158,13 +164,15 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
     @property
     def current(self) -> MixDecision | None:
         """The decision of the training batch in flight (None outside one, or when the batch
-        is not mixed): ``layer``, ``layer_index``, ``lam`` (``()`` or ``(B,)``), ``index``."""
-        return self._current
+        is not mixed): ``layer``, ``layer_index``, ``lam`` (``()`` or ``(B,)``), ``index``,
+        ``box`` (CutMix and soft PatchUp, once placed) and ``policy`` (with its draws)."""
+        batch = self._batch
+        return None if batch is None else batch.decision
 
     @current.setter
     def current(self, decision: MixDecision | None) -> None:
-        self._current = decision
-        self._hooks.chosen = None if decision is None else decision.layer
+        if self._batch is not None:
+            self._batch.decision = decision
 
     @property
     def clean_input(self) -> Any:
@@ -174,15 +182,16 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         return None if self._batch is None else self._batch.clean_input
 
     def mix_like(self, t: Tensor) -> Tensor:
-        """``t`` mixed exactly as the training batch in flight: the same lam and partner rows.
+        """``t`` mixed as the targets of the training batch in flight: the same lam and
+        partner rows.
 
         ``t`` is ``(B, ...)``, a float tensor with the batch's rows (a teacher's logits or
         features, say). A blended batch gives ``lam * t + (1 - lam) * t[index]`` (lam of shape
         ``()`` or ``(B,)``, broadcast); on a CutMix batch a ``(B, C, H, W)`` ``t`` gets the
         partner's box pasted in, scaled to ``t``'s ``(H, W)``, and other shapes are blended
-        with the kept-area lam. Outside a mixed training batch ``t`` is returned unchanged.
-        With CutMix at a hidden layer, the box exists once that layer has run: call this after
-        the model's forward.
+        with the kept-area lam; a policy that keeps the targets (MixStyle) keeps ``t``. Outside
+        a mixed training batch ``t`` is returned unchanged. With a box placed at a hidden
+        layer, the box exists once that layer has run: call this after the model's forward.
 
         Example (distillation, inside ``training_step``)::
 
@@ -190,7 +199,8 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
                 teacher_logits = self.teacher(mixup.clean_input)
             soft = mixup.mix_like(teacher_logits.softmax(-1))
         """
-        decision, batch = self._current, self._batch
+        batch = self._batch
+        decision = None if batch is None else batch.decision
         if decision is None or batch is None:
             return t
         rows = batch.rows
@@ -204,17 +214,19 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
                 f"ManifoldMixupCallback.mix_like needs a float tensor of {rows} rows (the "
                 f"batch's), got {describe(t)}."
             )
-        if batch.policy is not None and batch.policy.pastes:
-            if batch.box is None:
-                raise RuntimeError(
-                    "ManifoldMixupCallback.mix_like: this CutMix batch is boxed at layer "
-                    f"{decision.layer!r}, whose box is placed when it runs; call mix_like after "
-                    "the model's forward."
-                )
-            if t.ndim >= 3:
-                return batch.box.scaled(t.shape[-2], t.shape[-1]).paste(t, decision.index)
-        mixed, _ = self._pairing.mix(t, decision, rows, "mix_like(t)")
-        return mixed
+        policy = decision.policy
+        if policy.targets == "keep":
+            return t
+        if policy.boxed and decision.box is None:
+            raise RuntimeError(
+                f"ManifoldMixupCallback.mix_like: this {type(policy).__name__} batch is boxed at "
+                f"layer {decision.layer!r}, whose box is placed when it runs; call mix_like "
+                "after the model's forward."
+            )
+        partner = self._pairing.partner(t, decision.index)
+        if policy.targets == "paste" and decision.box is not None and t.ndim >= 3:
+            return decision.box.paste(t, partner)
+        return mix_with_partner(t, partner, decision.lam, overwrite_partner=True)
 
     @property
     def mixup_batch_keys(self) -> tuple[int | str, int | str]:
@@ -251,6 +263,7 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self.eligible = resolve_layers(pl_module, config.layers)
         self._weights = layer_weight_array(config.layer_weights, self.eligible)
         self._pairing = make_pairing(config.pairing, trainer)
+        self._policy = config.mix_policy()
         check_run_length(config, trainer)
         self._stream.configured_seed = config.seed
         self._stream.start_fit(trainer)
@@ -284,34 +297,41 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
             # follow, so the batch is neither mixed nor drawn for (the averaged model's
             # statistics are those of clean features, and the stream stays where it was).
             return
+        config = self.config
         alpha = self.alpha_at(trainer)
         rng = self._stream.next(self._pairing.stream_key)
-        x, y, rows = input_and_target(batch, self.config.input_key, self.config.target_key)
-        self._batch = InFlight(original=y, rows=rows, clean_input=x)
-        self._hooks.arm()
+        x, y, rows = input_and_target(batch, config.input_key, config.target_key)
+        flight = self._batch = InFlight(original=y, rows=rows, clean_input=x)
+        self._hooks.arm(flight)
         if self._hooks.probe is not None and INPUT in self.eligible:
-            check_input(x, rows, self.config.input_key)
-        draw = self._draw(rng, alpha, rows, y.device)
-        if draw is None:
+            check_input(x, rows, config.input_key)
+        total, mine = self._pairing.draw_rows(rows, y.device)
+        draw = config.sample(rng, alpha, total, mine, len(self.eligible), self._weights)
+        started: tuple[MixPolicy, Draw] | None = None
+        if draw is not None:
+            # CutMix batches paste whatever the policy; the others are the policy's, which may
+            # draw numbers of its own after the common ones (or leave the batch alone).
+            if draw.cutmix:
+                started = CutMix(float(draw.lam), draw.box_center), draw
+            else:
+                started = self._policy.start(rng, draw, total, mine)
+        if draw is None or started is None:
             self._record.add_unmixed()
             return
-        policy = self._batch.policy = make_policy(draw.cutmix, draw.lam, draw.box_center)
-        layer = self.eligible[draw.layer]
-        # A box on the input is placed now, so lam (its kept area) is final for the targets.
-        box = policy.place(x, INPUT) if layer == INPUT else None
-        lam = draw.lam if box is None else np.asarray(box.kept, dtype=np.float32)
-        self._batch.box = box
-        decision = MixDecision.of(draw, self.eligible, y.device, lam)
-        partner = self._pairing.partner_targets(y, decision.index)
-        target = self._targets.mix(y, decision.lam, decision.index, partner, box, policy.pastes)
-        self._masks.apply(batch, x, decision.layer, decision.index, self._pairing.gather)
-        if layer == INPUT:
-            set_entry(batch, self.config.input_key, self._mix_input(x, decision, box), pl_module)
-        set_entry(batch, self.config.target_key, target, pl_module)
-        self._batch.target = target
+        policy, draw = started
+        decision = flight.decision = MixDecision.of(draw, self.eligible, y.device, policy)
+        if decision.layer == INPUT and policy.boxed:
+            decision = self._place_box(x, INPUT)  # lam (the kept area) is final for the targets
+        partner = functools.partial(self._pairing.partner, index=decision.index)
+        target = self._targets.mix(y, decision.lam, partner, policy.targets, decision.box)
+        flight.mask_length = self._masks.apply(batch, x, partner)
+        if decision.layer == INPUT:
+            set_entry(batch, config.input_key, self._mix(x, decision, None), pl_module)
+        set_entry(batch, config.target_key, target, pl_module)
+        flight.target = target
         # Host numbers (the kept area of an input box): counting and logging never read the device.
-        self._batch.record = (draw.layer, float(lam if lam.ndim == 0 else lam.mean()))
-        self._current, self._hooks.chosen = decision, decision.layer
+        lam = decision.host_lam
+        flight.record = (draw.layer, float(lam if lam.ndim == 0 else lam.mean()))
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -321,10 +341,12 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
             # an earlier manual_backward, so the checks wait for the batch's end there.
             self._hooks.finish_probe()
             self._check_chosen_ran()
-        self._hooks.in_backward = True
+        if self._batch is not None:
+            self._batch.in_backward = True
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._hooks.in_backward = False
+        if self._batch is not None:
+            self._batch.in_backward = False
 
     def on_train_batch_end(
         self,
@@ -377,70 +399,90 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._stream.load_state_dict(state_dict)
 
-    def _draw(self, rng: np.random.Generator, alpha: float, rows: int, device: Any) -> Any:
-        """The host-side draw for this batch (this rank's rows of it under global pairing)."""
-        total, mine = self._pairing.draw_rows(rows, device)
-        return self.config.sample(rng, alpha, total, mine, len(self.eligible), self._weights)
-
-    def _mix_input(self, x: Any, decision: MixDecision, box: Box | None) -> Any:
+    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
+        """The forward hook of every eligible layer: inside the mixing window, the chosen
+        layer's output combined with its partner rows (the first step checks every layer)."""
         batch = self._batch
-        assert batch is not None and batch.policy is not None
-        where = f"the input at input_key={self.config.input_key!r}"
-        blend = self._blender(decision, where)
-        mixed, count, _ = batch.policy.mix(x, decision, blend, INPUT, box)
+        if batch is None or not (batch.in_step or batch.in_backward):
+            return None  # a forward outside the training step (another hook, a probe)
+        hooks = self._hooks
+        if hooks.probe is not None and not batch.in_backward:
+            hooks.count(name, module, output, batch.rows)
+        decision = batch.decision
+        if decision is None or decision.layer != name:
+            return None
+        if not batch.in_backward:
+            hooks.calls += 1
+            if hooks.calls == 2:
+                hooks.warn_repeated({name: 2})
+        if decision.policy.boxed and decision.box is None:
+            decision = self._place_box(output, name)
+        if (
+            self._batch_major[name]
+            and isinstance(output, Tensor)
+            and output.ndim
+            and output.shape[0] == batch.rows
+            and output.is_floating_point()
+        ):
+            # A batch-major tensor, the common case: the policy's formula is the next call.
+            partner = self._pairing.partner(output, decision.index)
+            return decision.policy.combine(output, partner, decision.lam)
+        return self._mix(output, decision, module, name)
+
+    def _mix(
+        self, obj: Any, decision: MixDecision, module: nn.Module | None, name: str = INPUT
+    ) -> Any:
+        """Every batch tensor of ``obj`` (the input, or a layer's output) along its batch axis,
+        combined with its partner rows by the batch's policy."""
+        batch = self._batch
+        assert batch is not None
+        combine, partner, index = decision.policy.combine, self._pairing.partner, decision.index
+        where = (
+            f"the input at input_key={self.config.input_key!r}"
+            if module is None
+            else (f"layer {name!r}")
+        )
+        mixed, count = map_batch(
+            obj,
+            lambda h: combine(h, partner(h, index), decision.lam),
+            batch.rows,
+            where=where,
+            module=module,
+        )
         if count == 0:
-            check_input(x, batch.rows, self.config.input_key)
+            if module is None:
+                check_input(obj, batch.rows, self.config.input_key)
+            raise ValueError(no_float_output(name, obj, batch.rows))
         return mixed
 
-    def _mix_output(self, name: str, module: nn.Module, output: Any) -> Any:
-        """The forward hook's work for the chosen layer: its output, mixed."""
-        decision, batch = self._current, self._batch
-        assert decision is not None and batch is not None and batch.policy is not None
-        blend = self._blender(decision, f"layer {name!r}", module, self._batch_major[name])
-        mixed, count, box = batch.policy.mix(output, decision, blend, name)
-        if box is not None:
-            self._fix_lam(box)
-        if count == 0:
-            raise ValueError(no_float_output(name, output, decision.index.shape[0]))
-        return mixed
-
-    def _blender(
-        self,
-        decision: MixDecision,
-        where: str,
-        module: nn.Module | None = None,
-        major: bool = False,
-    ) -> Blender:
-        """The pairing's blend of ``decision`` for one object (the input or a layer output)."""
-        rows = decision.index.shape[0]
-        return lambda obj: self._pairing.mix(obj, decision, rows, where, module, major)
-
-    def _fix_lam(self, box: Box) -> None:
-        """A box placed at a hidden layer fixes lam (its kept area) only now that the layer's
-        size is known: the decision is replaced and the targets rewritten in place
-        (training_step holds them)."""
-        batch, decision = self._batch, self._current
-        assert batch is not None and decision is not None
-        self._current = decision = decision.with_lam(box.kept)
-        batch.box = box
-        self._targets.correct(batch.target, batch.original, decision.lam, decision.index, box)
+    def _place_box(self, h: Any, where: str) -> MixDecision:
+        """Place the batch's box on ``h`` (the input, or the output of layer ``where``), which
+        fixes lam for the targets: the decision is replaced and, at a hidden layer, the targets
+        are rewritten in place (training_step holds them)."""
+        batch = self._batch
+        assert batch is not None and batch.decision is not None
+        policy, box, lam = batch.decision.policy.place(h, where)
+        decision = batch.decision = batch.decision.with_box(box, lam, policy)
+        if batch.target is not None:
+            partner = functools.partial(self._pairing.partner, index=decision.index)
+            self._targets.correct(
+                batch.target, batch.original, decision.lam, partner, policy.targets, box
+            )
         if batch.record is not None:
-            batch.record = (batch.record[0], box.kept)
-
-    def _check_output(self, name: str, module: nn.Module, output: Any) -> None:
-        assert self._batch is not None
-        check_output(name, module, output, self._batch.rows)
+            batch.record = (batch.record[0], lam)
+        return decision
 
     def _check_chosen_ran(self) -> None:
-        layer = self._mixing_at()
+        decision = self.current
         try:
-            self._hooks.check_chosen_ran(None if layer == INPUT else layer)
+            self._hooks.check_chosen_ran(
+                None if decision is None or decision.layer == INPUT else decision.layer
+            )
         except RuntimeError:
             self.current = None
             raise
 
     def _end_batch(self) -> None:
-        self._current = None
         self._batch = None
         self._hooks.disarm()
 
@@ -448,17 +490,20 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         modules = named_layers(pl_module)
         hooked = {name: modules[name] for name in self.eligible if name != INPUT}
         self._batch_major = {name: is_batch_major(module) for name, module in hooked.items()}
-        self._hooks.install(trainer, hooked, self._mix_output, self._check_output)
+        self._hooks.install(trainer, hooked, self._on_output)
         guard_hf_labels(pl_module, self._hooks.add, self._targets_in_flight, self.config.target_key)
         self._masks = MaskUnion(self.config.attention_mask_key)
-        self._masks.watch(self._hooks.add, modules, self.eligible, self._mixing_at)
+        self._masks.watch(self._hooks.add, modules, self.eligible, self._mask_in_flight)
 
     def _targets_in_flight(self) -> tuple[Any, Any]:
         batch = self._batch
         return (None, None) if batch is None else (batch.original, batch.target)
 
-    def _mixing_at(self) -> str | None:
-        return None if self._current is None else self._current.layer
+    def _mask_in_flight(self) -> tuple[str, int] | None:
+        batch = self._batch
+        if batch is None or batch.decision is None or batch.mask_length is None:
+            return None
+        return batch.decision.layer, batch.mask_length
 
     def _remove_hooks(self) -> None:
         self._hooks.remove()

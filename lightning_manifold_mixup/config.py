@@ -1,8 +1,9 @@
-"""``MixupConfig``: the callback's arguments, validated in one place.
+"""Owns the callback's configuration: ``MixupConfig``, every argument validated in one place.
 
-Every argument is checked once, all problems are reported together, and numbers are normalised
-(numpy scalars become Python numbers). ``hparams()`` derives the logged record from the same
-fields, so an argument is written down here and in the callback's signature only.
+Every argument is checked once, when the frozen dataclass is built (also by
+``dataclasses.replace``), all problems are reported together, and numbers are normalised
+(numpy scalars become Python numbers). The arguments are documented once, in the docstring of
+:class:`~lightning_manifold_mixup.ManifoldMixupCallback`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,30 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from lightning_manifold_mixup._lightning import MisconfigurationException
 from lightning_manifold_mixup.draw import Draw, LamMode, sample_decision
+from lightning_manifold_mixup.mixstyle import MixStyle
+from lightning_manifold_mixup.nfm import NoisyFeatureMixup
+from lightning_manifold_mixup.patchup import PatchUpSoft
+from lightning_manifold_mixup.policies import Blend, MixPolicy
 
 TargetMode = Literal["soft", "pair"]
 LamTransform = Literal["none", "max"]
 AlphaSchedule = Literal["constant", "linear", "cosine"]
 Pairing = Literal["local", "global"]
+PolicyName = Literal["blend", "nfm", "mixstyle", "patchup-soft"]
+
+# The policies chosen by name (``policy="nfm"``), with their default arguments.
+POLICIES: dict[str, type[MixPolicy]] = {
+    "blend": Blend,
+    "nfm": NoisyFeatureMixup,
+    "mixstyle": MixStyle,
+    "patchup-soft": PatchUpSoft,
+}
 
 # name: (what it must be, low bound, high bound, low bound excluded, integer, None allowed)
 _NUMBERS: dict[str, tuple[str, float | None, float | None, bool, bool, bool]] = {
@@ -41,21 +55,21 @@ _NUMBERS: dict[str, tuple[str, float | None, float | None, bool, bool, bool]] = 
         True,
     ),
 }
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "lam_mode": ("batch", "sample"),
-    "targets": ("soft", "pair"),
-    "lam_transform": ("none", "max"),
-    "alpha_schedule": ("constant", "linear", "cosine"),
-    "pairing": ("local", "global"),
+_CHOICES: dict[str, Any] = {
+    "lam_mode": LamMode,
+    "targets": TargetMode,
+    "lam_transform": LamTransform,
+    "alpha_schedule": AlphaSchedule,
+    "pairing": Pairing,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class MixupConfig:
-    """The arguments of :class:`~lightning_manifold_mixup.ManifoldMixupCallback`.
+    """The arguments of :class:`~lightning_manifold_mixup.ManifoldMixupCallback`, validated.
 
     Example:
-        >>> MixupConfig.from_arguments(alpha=np.float32(0.5), layers=["net.1"]).alpha
+        >>> MixupConfig(alpha=np.float32(0.5), layers=["net.1"]).alpha
         0.5
     """
 
@@ -79,32 +93,26 @@ class MixupConfig:
     pairing: Pairing = "local"
     attention_mask_key: str | None = "attention_mask"
     cutmix_alpha: float | None = None
+    policy: PolicyName | MixPolicy = "blend"
 
-    @classmethod
-    def from_arguments(cls, **arguments: Any) -> MixupConfig:
+    def __post_init__(self) -> None:
         """Validate every argument at once; raise one error listing each problem and its fix."""
-        defaults = {field.name: field.default for field in dataclasses.fields(cls)}
-        arguments = {**defaults, **arguments}
-        problems = _problems(arguments)
+        problems = _problems(self)
         if problems:
             raise MisconfigurationException("ManifoldMixupCallback: " + "; ".join(problems))
-        values = dict(arguments)
         for name, (_, _, _, _, integer, _) in _NUMBERS.items():
-            if values.get(name) is not None:
-                values[name] = int(values[name]) if integer else float(values[name])
-        for name in ("layers", "layer_weights"):
-            if values.get(name) is not None:
-                kind = str if name == "layers" else float
-                values[name] = tuple(kind(v) for v in values[name])
-        return cls(**values)
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, int(value) if integer else float(value))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(str(v) for v in self.layers))
+        if self.layer_weights is not None:
+            weights = tuple(float(v) for v in self.layer_weights)
+            object.__setattr__(self, "layer_weights", weights)
 
-    def replace(self, **changes: Any) -> MixupConfig:
-        """A validated copy with ``changes`` applied."""
-        return MixupConfig.from_arguments(**{**self.arguments(), **changes})
-
-    def arguments(self) -> dict[str, Any]:
-        """The fields as the callback's keyword arguments."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+    def mix_policy(self) -> MixPolicy:
+        """The policy object: the one given, or the named one with its default arguments."""
+        return self.policy if isinstance(self.policy, MixPolicy) else POLICIES[self.policy]()
 
     def sample(
         self,
@@ -135,11 +143,14 @@ class MixupConfig:
         )
 
     def hparams(self, layers: Sequence[str] | None = None, seed: int | None = None) -> dict:
-        """Every argument as plain data; ``layers`` and ``seed`` as resolved for a fit."""
-        record = dataclasses.asdict(self)
+        """Every argument as plain data; ``layers`` and ``seed`` as resolved for a fit, the
+        policy as its name or its repr."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("layers", "layer_weights"):
             if record[name] is not None:
                 record[name] = list(record[name])
+        if not isinstance(self.policy, str):
+            record["policy"] = repr(self.policy)
         if layers:
             record["layers"] = list(layers)
         if seed is not None:
@@ -166,14 +177,15 @@ def _number_problem(name: str, value: Any) -> str | None:
 
 
 def _choice_problem(name: str, value: Any) -> str | None:
-    choices = _CHOICES[name]
+    choices = get_args(_CHOICES[name])
     if value in choices:
         return None
     options = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
     return f"{name} must be {options}, got {value!r}"
 
 
-def _problems(args: dict[str, Any]) -> list[str]:
+def _problems(config: MixupConfig) -> list[str]:
+    args = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     problems = [p for name in _NUMBERS if (p := _number_problem(name, args.get(name)))]
     problems += [p for name in _CHOICES if (p := _choice_problem(name, args.get(name)))]
     layers, weights = args.get("layers"), args.get("layer_weights")
@@ -203,15 +215,22 @@ def _problems(args: dict[str, Any]) -> list[str]:
             "or leave cutmix_alpha=None"
         )
     cutmix = args.get("cutmix_prob")
-    if cutmix is not None and _number_problem("cutmix_prob", cutmix) is None and cutmix > 0:
-        if args.get("lam_mode") == "sample":
-            problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
-        if args.get("pairing") == "global":
-            problems.append(
-                "pairing='global' does not support CutMix: set cutmix_prob=0 or pairing='local'"
-            )
+    cutmix_ok = cutmix is not None and _number_problem("cutmix_prob", cutmix) is None
+    if cutmix_ok and cutmix > 0 and args.get("lam_mode") == "sample":  # type: ignore[operator]
+        problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
     if not isinstance(args.get("log", True), bool):
         problems.append(f"log must be True or False, got {args.get('log')!r}")
+    policy = args.get("policy")
+    if not isinstance(policy, MixPolicy) and policy not in POLICIES:
+        names = ", ".join(repr(n) for n in POLICIES)
+        problems.append(
+            f"policy must be one of {names} or a MixPolicy object (NoisyFeatureMixup(...), "
+            f"MixStyle(...), PatchUpSoft(...)), got {policy!r}"
+        )
+    elif (policy == "patchup-soft" or isinstance(policy, PatchUpSoft)) and args.get(
+        "lam_mode"
+    ) == "sample":
+        problems.append("policy='patchup-soft' needs lam_mode='batch' (one box per batch)")
     mask_key = args.get("attention_mask_key")
     if mask_key is not None and not isinstance(mask_key, str):
         problems.append(f"attention_mask_key must be a str or None, got {mask_key!r}")
@@ -228,24 +247,3 @@ def layer_weight_array(weights: Sequence[float] | None, eligible: list[str]) -> 
         )
     array = np.asarray(weights, dtype=np.float64)
     return array / array.sum()
-
-
-class ConfigAttributes:
-    """The arguments read and set as attributes (``cb.alpha``, ``cb.seed = 3``) through the
-    validated config; a new value takes effect at the next fit. Not ``log``: Lightning assigns
-    ``callback.log = pl_module.log`` at fit start."""
-
-    config: MixupConfig
-
-    def __getattr__(self, name: str) -> Any:
-        config = self.__dict__.get("config")
-        if config is not None and name in MixupConfig.__dataclass_fields__ and name != "log":
-            return getattr(config, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        config = self.__dict__.get("config")
-        if config is not None and name in MixupConfig.__dataclass_fields__ and name != "log":
-            self.config = config.replace(**{name: value})
-            return
-        super().__setattr__(name, value)

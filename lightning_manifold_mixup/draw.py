@@ -1,9 +1,10 @@
-"""What one training batch mixes, drawn on the host (plain numpy and torch, no Lightning).
+"""Owns the random draw of one training batch: what it mixes, decided on the host.
 
 :func:`sample_decision` draws a batch's layer, lam, partner permutation and CutMix choice from
 a generator in a fixed order; :class:`KeyedStream` gives that generator for any
 ``(seed, stream, step)`` without replaying earlier batches; :class:`MixDecision` is the draw
-as the mixing operations read it, with lam as one float32 tensor on the batch's device.
+as the mixing operations read it, with lam as one float32 tensor on the batch's device, and
+:class:`Box` the box of a CutMix or PatchUp batch once placed. Plain numpy and torch.
 
 Example:
     >>> rng = KeyedStream(seed=0).generator(0, 0)
@@ -17,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -115,7 +116,8 @@ class MixDecision:
             ``pairing="global"`` in a distributed run, indices into the global batch (every
             rank's ``B`` rows concatenated in rank order, ``world_size * B`` rows), drawn from
             one permutation shared by all ranks.
-        box_center: for CutMix batches, the box centre as fractions of (H, W); else None.
+        box_center: for batches mixed in a box (CutMix, soft PatchUp), the box centre as
+            fractions of (H, W); else None.
         host_lam: lam on the host, float32, shape ``()`` or ``(B,)``: the drawn lam, or for a
             CutMix batch the kept area fraction once the box is placed (before that, at a
             hidden layer, the drawn lam that sets the box's area).
@@ -123,6 +125,10 @@ class MixDecision:
         lam: ``host_lam`` as a float32 tensor on ``device``, the one form every mixing
             operation reads. A single lam is made by a fill on the device (no copy from the
             host); a per-row lam is copied through pinned memory on CUDA (no synchronisation).
+        box: the box of a CutMix or soft PatchUp batch once placed (on the input at the batch
+            start, at a hidden layer when it runs); else None.
+        policy: the batch's mixing policy with the numbers it drew (a
+            :class:`~lightning_manifold_mixup.NoisyFeatureMixup`'s noise weights and seed, say).
     """
 
     layer: str
@@ -132,6 +138,8 @@ class MixDecision:
     host_lam: np.ndarray = field(kw_only=True, compare=False)
     device: torch.device = field(kw_only=True, compare=False)
     lam: Tensor = field(init=False, compare=False, repr=False)
+    box: Box | None = field(default=None, kw_only=True, compare=False)
+    policy: Any = field(default=None, kw_only=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         host = np.array(self.host_lam, dtype=np.float32)  # a copy: lam may be rewritten in place
@@ -142,20 +150,23 @@ class MixDecision:
         object.__setattr__(self, "lam", lam)
 
     @classmethod
-    def of(
-        cls, draw: Draw, eligible: list[str], device: torch.device, lam: np.ndarray | None = None
-    ) -> MixDecision:
-        """The decision of ``draw`` with its permutation and lam on ``device``; ``lam``
-        replaces the drawn one (a CutMix box's kept area, when the box is placed already)."""
+    def of(cls, draw: Draw, eligible: list[str], device: torch.device, policy: Any) -> MixDecision:
+        """The decision of ``draw`` mixed by ``policy``, permutation and lam on ``device``."""
         index = host_to_device(draw.perm, device)
-        center = draw.box_center if draw.cutmix else None
-        host_lam = draw.lam if lam is None else lam
+        center = draw.box_center if getattr(policy, "boxed", False) else None
         return cls(
-            eligible[draw.layer], draw.layer, index, center, host_lam=host_lam, device=device
+            eligible[draw.layer],
+            draw.layer,
+            index,
+            center,
+            host_lam=draw.lam,
+            device=device,
+            policy=policy,
         )
 
-    def with_lam(self, lam: float) -> MixDecision:
-        """The same decision with lam fixed to ``lam`` (CutMix: the kept area of the box)."""
+    def with_box(self, box: Box, lam: float, policy: Any) -> MixDecision:
+        """The same decision with its box placed and lam fixed to ``lam`` (the weight of the
+        original sample in the targets: CutMix's kept area)."""
         return MixDecision(
             self.layer,
             self.layer_index,
@@ -163,7 +174,85 @@ class MixDecision:
             self.box_center,
             host_lam=np.asarray(lam, dtype=np.float32),
             device=self.device,
+            box=box,
+            policy=policy,
         )
+
+
+def cutmix_box(
+    height: int, width: int, lam: float, center: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """The box ``(y0, y1, x0, x1)`` of area about ``(1 - lam) * H * W`` around ``center``.
+
+    ``center`` holds fractions of the height and width; the box is clipped to the image, so
+    the pasted area can be smaller than asked: use :func:`cutmix_lam` for the true weight.
+
+    Example:
+        >>> cutmix_box(8, 8, 0.75, (0.5, 0.5))
+        (2, 6, 2, 6)
+    """
+    ratio = float(np.sqrt(1.0 - lam))
+    cut_h, cut_w = round(height * ratio), round(width * ratio)
+    cy, cx = int(center[0] * height), int(center[1] * width)
+    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, height)
+    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, width)
+    return y0, y1, x0, x1
+
+
+def cutmix_lam(height: int, width: int, box: tuple[int, int, int, int]) -> float:
+    """Weight of the original sample: ``1 - pasted area / (H * W)``."""
+    y0, y1, x0, x1 = box
+    return 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
+
+
+@dataclass(frozen=True)
+class Box:
+    """A box ``[y0, y1) x [x0, x1)`` on a grid of ``height x width`` (CutMix, soft PatchUp).
+
+    Example:
+        >>> box = Box(2, 6, 2, 6, 8, 8)
+        >>> box.kept, box.scaled(4, 4)
+        (0.75, Box(y0=1, y1=3, x0=1, x1=3, height=4, width=4))
+    """
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    height: int
+    width: int
+
+    @classmethod
+    def place(cls, height: int, width: int, lam: float, center: tuple[float, float]) -> Box:
+        """The box of area about ``(1 - lam)`` of ``height x width`` around ``center``."""
+        return cls(*cutmix_box(height, width, lam, center), height, width)
+
+    @property
+    def kept(self) -> float:
+        """Weight of the original sample: the area fraction outside the box."""
+        return cutmix_lam(self.height, self.width, (self.y0, self.y1, self.x0, self.x1))
+
+    def scaled(self, height: int, width: int) -> Box:
+        """The same box on a ``height x width`` grid (a mask of another resolution)."""
+        if (height, width) == (self.height, self.width):
+            return self
+        sy, sx = height / self.height, width / self.width
+        return Box(
+            round(self.y0 * sy),
+            round(self.y1 * sy),
+            round(self.x0 * sx),
+            round(self.x1 * sx),
+            height,
+            width,
+        )
+
+    def paste(self, h: Tensor, partner: Tensor) -> Tensor:
+        """``h`` (``(..., H, W)``) with this box of its last two dims taken from ``partner``
+        (the partner rows, same shape), scaled to ``h``'s grid."""
+        box = self.scaled(h.shape[-2], h.shape[-1])
+        out = h.clone()
+        out[..., box.y0 : box.y1, box.x0 : box.x1] = partner[..., box.y0 : box.y1, box.x0 : box.x1]
+        return out
 
 
 def host_to_device(array: np.ndarray, device: torch.device) -> Tensor:

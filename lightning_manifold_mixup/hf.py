@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` models and their batches (no ``transformers`` import).
+"""Owns Hugging Face ``transformers`` models and their batches (no ``transformers`` import).
 
 Three things go wrong when a Hugging Face model meets mixed targets or token batches, and this
 module holds the checks and the fix the callback applies:
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_manifold_mixup._lightning import rank_zero_warn
 from lightning_manifold_mixup.layers import is_hf_model
-from lightning_manifold_mixup.layout import describe, map_nested
+from lightning_manifold_mixup.layout import describe, tensors
 from lightning_manifold_mixup.targets import MixedTarget
 
 # What the callback has in flight for the current training batch: the batch's own target
@@ -148,11 +148,7 @@ def union_attention_mask(mask: Tensor, partner: Tensor) -> Tensor:
 
 
 def union_batch_masks(
-    batch: Any,
-    x: Any,
-    key: str,
-    index: Tensor,
-    gather: Callable[[Tensor], Tensor] | None = None,
+    batch: Any, x: Any, key: str, partner: Callable[[Tensor], Tensor]
 ) -> int | None:
     """Replace the attention mask of a mixed batch by :func:`union_attention_mask`, in place.
 
@@ -163,8 +159,7 @@ def union_batch_masks(
         batch: the training batch.
         x: the batch's input (``batch[input_key]``).
         key: the mask's key, e.g. ``"attention_mask"``.
-        index: ``(B,)`` partner rows: a permutation, or global row indices with ``gather``.
-        gather: for global pairing, returns every rank's rows of a tensor (rank order).
+        partner: the partner rows of a ``(B, ...)`` tensor (the pairing's, for this batch).
 
     Returns:
         The mask's length ``L`` when one was found and replaced, else None.
@@ -172,8 +167,7 @@ def union_batch_masks(
     for holder in (batch, x):
         mask = holder.get(key) if isinstance(holder, MutableMapping) else None
         if isinstance(mask, Tensor):
-            rows = gather(mask) if gather is not None else mask
-            holder[key] = union_attention_mask(mask, rows.index_select(0, index.to(mask.device)))
+            holder[key] = union_attention_mask(mask, partner(mask))
             return int(mask.shape[-1])
     return None
 
@@ -192,49 +186,38 @@ class MaskUnion:
 
     def __init__(self, key: str | None) -> None:
         self.key = key
-        self._pending: tuple[str, int] | None = None  # (mixed layer, mask length)
         self._warned: set[str] = set()
 
-    def apply(
-        self,
-        batch: Any,
-        x: Any,
-        layer: str,
-        index: Tensor,
-        gather: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        """Union the masks of a batch mixed at ``layer`` (see :func:`union_batch_masks`)."""
-        self._pending = None
+    def apply(self, batch: Any, x: Any, partner: Callable[[Tensor], Tensor]) -> int | None:
+        """Union the masks of a mixed batch (see :func:`union_batch_masks`); the mask's
+        length, or None when there is none (or the union is off)."""
         if self.key is None:
-            return
-        length = union_batch_masks(batch, x, self.key, index, gather)
-        if length is not None:
-            self._pending = (layer, length)
+            return None
+        return union_batch_masks(batch, x, self.key, partner)
 
     def watch(
         self,
         add: AddHook,
         modules: Mapping[str, nn.Module],
         names: Sequence[str],
-        mixing_at: Callable[[], str | None],
+        in_flight: Callable[[], tuple[str, int] | None],
     ) -> None:
         """Forward hooks on the layers ``names`` that check the mixed output's token dimension.
 
-        ``mixing_at`` returns the layer the batch in flight is mixed at (None when no mix is
-        in flight), so batches that are not mixed are never checked. Registered only when the
-        union is on and ``modules`` hold a Hugging Face model (:func:`is_hf_model`), so other
-        models carry no extra hook.
+        ``in_flight`` returns the layer the batch in flight is mixed at and the length of the
+        mask replaced by the union (None when no such mix is in flight), so other batches are
+        never checked. Registered only when the union is on and ``modules`` hold a Hugging Face
+        model (:func:`is_hf_model`), so other models carry no extra hook.
         """
         if self.key is None or not any(is_hf_model(m) for m in modules.values()):
             return
 
         def checker(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                pending = self._pending
-                if pending is None or pending[0] != name or mixing_at() != name:
+                pending = in_flight()
+                if pending is None or pending[0] != name or name in self._warned:
                     return
-                if name not in self._warned:
-                    self._check(name, output, pending[1])
+                self._check(name, output, pending[1])
 
             return hook
 
@@ -243,7 +226,7 @@ class MaskUnion:
                 add(modules[name], checker(name))
 
     def _check(self, name: str, output: Any, length: int) -> None:
-        first = _first_tensor(output)
+        first = next(iter(tensors(output)), None)
         if first is None or (first.ndim >= 3 and first.shape[1] == length):
             return
         self._warned.add(name)
@@ -257,21 +240,7 @@ class MaskUnion:
         )
 
 
-def _first_tensor(obj: Any) -> Tensor | None:
-    """The first tensor in a layer's output (a tensor, tuple, list or ModelOutput)."""
-    if isinstance(obj, Tensor):
-        return obj
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for value in obj:
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    return None
-
-
-def check_input_mixable(x: Any, input_key: int | str) -> None:
+def check_input_mixable(x: Any, rows: int, input_key: int | str) -> None:
     """Refuse input mixup of a batch input with no floating tensor (token ids), at once.
 
     Raises:
@@ -280,14 +249,13 @@ def check_input_mixable(x: Any, input_key: int | str) -> None:
 
     Example:
         >>> import torch
-        >>> check_input_mixable(torch.randn(2, 3), 0)
-        >>> check_input_mixable(torch.tensor([[5, 7]]), "input_ids")  # doctest: +ELLIPSIS
+        >>> check_input_mixable(torch.randn(2, 3), 2, 0)
+        >>> check_input_mixable(torch.tensor([[5, 7]]), 1, "input_ids")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: input mixup needs a floating-point input: ...
     """
-    _, count = map_nested(x, lambda t: t, _first_dim(x))
-    if count == 0:
+    if not any(t.is_floating_point() and t.ndim and t.shape[0] == rows for t in tensors(x)):
         raise ValueError(
             "input mixup needs a floating-point input: layers lists 'input', but the batch "
             f"input at input_key={input_key!r} holds no floating-point tensor "
@@ -296,13 +264,3 @@ def check_input_mixable(x: Any, input_key: int | str) -> None:
             "model, the embeddings' output such as 'model.bert.embeddings', or an encoder "
             "block)."
         )
-
-
-def _first_dim(x: Any) -> int:
-    if isinstance(x, Tensor):
-        return int(x.shape[0]) if x.ndim else -1
-    if isinstance(x, dict):
-        return next((_first_dim(v) for v in x.values()), -1)
-    if isinstance(x, (list, tuple)) and x:
-        return _first_dim(x[0])
-    return -1

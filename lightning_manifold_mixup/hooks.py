@@ -1,10 +1,12 @@
-"""``HookSet``: the forward hooks on the eligible layers and the window in which they mix.
+"""Owns the forward hooks of a fit: registering them so copies are never mixed, closing the
+mixing window, and the first step's check of every layer.
 
 A layer's output is mixed only inside ``training_step`` (the window opens at the batch start
 and closes when the strategy's ``training_step`` returns) and during backward (activation
 checkpointing recomputes forwards there; those runs get the same mix and are not counted).
 Forwards by other callbacks, by ``on_before_optimizer_step`` or by validation see the unmixed
-model.
+model. The window's state belongs to the batch in flight (its ``in_step`` and
+``in_backward``); this module closes it.
 
 What a hooked module holds is plain data: a :class:`Hook` with a token and a key. The work
 lives in the ``HookSet`` of the running fit, found through the token, and it is done only for
@@ -29,7 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_manifold_mixup._lightning import pl, rank_zero_warn
 from lightning_manifold_mixup.layout import describe, map_batch
 
-Mixer = Callable[[str, nn.Module, Any], Any]
+OnOutput = Callable[[str, nn.Module, Any, Any], Any]  # (layer name, module, args, output)
 
 _LIVE: dict[int, HookSet] = {}  # token -> the hook set of a fit in progress
 _TOKENS = itertools.count(1)
@@ -75,40 +77,36 @@ class _StepWindow:
             return self.original(*args, **kwargs)
         finally:
             hooks = _LIVE.get(self.token)
-            if hooks is not None:
-                hooks.in_step = False
+            if hooks is not None and hooks.flight is not None:
+                hooks.flight.in_step = False
 
 
 class HookSet:
-    """Forward hooks on the eligible layers, the mixing window, run counts and checks."""
+    """Forward hooks on the eligible layers, the closing of the mixing window, run counts and
+    the first step's checks."""
 
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
         self.entries: dict[int, tuple[nn.Module, Callable[..., Any]]] = {}
         self.token = 0
-        self.in_step = False
-        self.in_backward = False
-        self.chosen: str | None = None  # the layer the batch in flight is mixed at
+        self.flight: Any = None  # the batch in flight, whose window _StepWindow closes
         self.calls = 0  # runs of the chosen layer in this step (not counting recomputation)
         self.probe: dict[str, int] | None = None  # runs per layer in the first step
         self._warned: set[str] = set()
         self._strategy: Any = None
-        self._mix: Mixer = _no_mixer
-        self._check: Mixer = _no_mixer
 
     def install(
-        self, trainer: pl.Trainer, layers: dict[str, nn.Module], mix: Mixer, check: Mixer
+        self, trainer: pl.Trainer, layers: dict[str, nn.Module], on_output: OnOutput
     ) -> None:
-        """Hook ``layers``; ``mix(name, module, output)`` mixes the output of the layer named by
-        :attr:`chosen`, and ``check`` inspects every layer's output in the first training step."""
+        """Hook ``layers``: ``on_output(name, module, args, output)`` runs after each forward
+        of each of them (the callback's; it returns the mixed output or None)."""
         self.remove()
         self.token = next(_TOKENS)
         _LIVE[self.token] = self
-        self._mix, self._check = mix, check
         self.probe = dict.fromkeys(layers, 0)
         self._warned = set()
         for name, module in layers.items():
-            self.add(module, functools.partial(self._on_output, name))
+            self.add(module, functools.partial(on_output, name))
         self._wrap_training_step(trainer.strategy)
 
     def add(self, module: nn.Module, fn: Callable[..., Any], *, pre: bool = False) -> None:
@@ -134,29 +132,24 @@ class HookSet:
             del strategy.__dict__["training_step"]
         self.disarm()
 
-    def arm(self) -> None:
-        """Open the window for a new batch."""
+    def arm(self, flight: Any) -> None:
+        """A new batch in flight (its window open)."""
         self.calls = 0
-        self.in_step, self.in_backward = True, False
+        self.flight = flight
 
     def disarm(self) -> None:
-        self.in_step = self.in_backward = False
-        self.chosen = None
+        self.flight = None
 
-    def _on_output(self, name: str, module: nn.Module, args: Any, output: Any) -> Any:
-        if not (self.in_step or self.in_backward):
-            return None  # a forward outside the training step (another hook, a probe)
-        if self.probe is not None and not self.in_backward:
-            self.probe[name] += 1
-            if self.probe[name] == 1:
-                self._check(name, module, output)
-        if self.chosen != name:
-            return None
-        if not self.in_backward:
-            self.calls += 1
-            if self.calls == 2:
-                self.warn_repeated({name: 2})
-        return self._mix(name, module, output)
+    def count(self, name: str, module: nn.Module, output: Any, rows: int) -> None:
+        """First training step: count a layer's run; at its first, its output must hold
+        something to mix, in the layout its module declares (``map_batch`` refuses integer
+        batch tensors and ambiguous axes)."""
+        assert self.probe is not None
+        self.probe[name] += 1
+        if self.probe[name] == 1:
+            where = f"layer {name!r}"
+            if map_batch(output, _same, rows, where=where, module=module)[1] == 0:
+                raise ValueError(no_float_output(name, output, rows))
 
     def finish_probe(self) -> None:
         """After the first training step's forwards: every eligible layer ran."""
@@ -199,17 +192,6 @@ class HookSet:
         every training step, around the module's) returns."""
         strategy.__dict__["training_step"] = _StepWindow(self.token, strategy.training_step)
         self._strategy = strategy
-
-
-def _no_mixer(name: str, module: nn.Module, output: Any) -> Any:
-    return None
-
-
-def check_output(name: str, module: nn.Module, output: Any, rows: int) -> None:
-    """First training step: a layer's output holds something to mix, in the layout its module
-    declares (``map_batch`` refuses integer batch tensors and ambiguous axes)."""
-    if map_batch(output, _same, rows, where=f"layer {name!r}", module=module)[1] == 0:
-        raise ValueError(no_float_output(name, output, rows))
 
 
 def no_float_output(name: str, output: Any, rows: int) -> str:

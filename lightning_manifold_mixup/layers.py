@@ -1,4 +1,4 @@
-"""Finding the layers to mix: name matching through wrappers and automatic selection.
+"""Owns finding the layers to mix: name matching through wrappers and automatic selection.
 
 Strategies and tools insert segments into module names (DDP's ``module``, FSDP's
 ``_fsdp_wrapped_module``, activation checkpointing's ``_checkpoint_wrapped_module``,

@@ -1,4 +1,5 @@
-"""Where the batch sits in a layer's output: batch-axis rules and the walk over nested outputs.
+"""Owns where the batch sits in a layer's output or the input: the one container walker and
+the batch-axis rules.
 
 A layer's output may be a tensor or any nesting of tuples, lists, named tuples and mappings;
 each tensor holding the batch is handed to a function along its own batch axis. The axis comes
@@ -29,7 +30,7 @@ from lightning_manifold_mixup.layers import unwrap_module
 Leaf = Callable[[Tensor, str], tuple[Tensor, int]]
 
 
-def _walk(
+def walk(
     obj: Any, leaf: Leaf, path: str = "", refuse_packed: Callable[[str], Exception] | None = None
 ) -> tuple[Any, int]:
     """Rebuild ``obj`` with ``leaf(tensor, path)`` applied to every tensor; sum the counts.
@@ -44,15 +45,15 @@ def _walk(
         raise refuse_packed(path)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         parts = [
-            _walk(v, leaf, f"{path}.{f}", refuse_packed)
+            walk(v, leaf, f"{path}.{f}", refuse_packed)
             for f, v in zip(obj._fields, obj, strict=True)
         ]
         return type(obj)(*(p[0] for p in parts)), sum(p[1] for p in parts)
     if isinstance(obj, (tuple, list)):
-        parts = [_walk(v, leaf, f"{path}[{i}]", refuse_packed) for i, v in enumerate(obj)]
+        parts = [walk(v, leaf, f"{path}[{i}]", refuse_packed) for i, v in enumerate(obj)]
         return type(obj)(p[0] for p in parts), sum(p[1] for p in parts)
     if isinstance(obj, Mapping):
-        mixed = {k: _walk(v, leaf, f"{path}[{k!r}]", refuse_packed) for k, v in obj.items()}
+        mixed = {k: walk(v, leaf, f"{path}[{k!r}]", refuse_packed) for k, v in obj.items()}
         out = dict(obj)
         out.update({k: v[0] for k, v in mixed.items()})
         rebuilt: Any = out
@@ -60,6 +61,34 @@ def _walk(
             rebuilt = type(obj)(out)  # type: ignore[call-arg]
         return rebuilt, sum(v[1] for v in mixed.values())
     return obj, 0
+
+
+def tensors(obj: Any) -> list[Tensor]:
+    """Every tensor in ``obj`` (a tensor or any nesting of containers), in the walk's order.
+
+    Example:
+        >>> import torch
+        >>> [t.shape[0] for t in tensors({"a": torch.ones(2), "b": [torch.zeros(3)]})]
+        [2, 3]
+    """
+    found: list[Tensor] = []
+
+    def leaf(t: Tensor, path: str) -> tuple[Tensor, int]:
+        found.append(t)
+        return t, 0
+
+    walk(obj, leaf)
+    return found
+
+
+def batch_size_of(x: Any) -> int:
+    """The batch size of an input: the first dimension of its first tensor."""
+    first = x if isinstance(x, Tensor) else next(iter(tensors(x)), None)
+    if first is None:
+        raise ValueError(f"cannot find the batch size of the input: got {describe(x)}")
+    if first.ndim == 0:
+        raise ValueError("the batch input is a 0-d tensor; it needs a batch dimension")
+    return int(first.shape[0])
 
 
 def map_nested(obj: Any, fn: Callable[[Tensor], Tensor], batch_size: int) -> tuple[Any, int]:
@@ -79,7 +108,7 @@ def map_nested(obj: Any, fn: Callable[[Tensor], Tensor], batch_size: int) -> tup
             return fn(h), 1
         return h, 0
 
-    return _walk(obj, leaf)
+    return walk(obj, leaf)
 
 
 def batch_first_of(module: nn.Module) -> bool | None:
@@ -190,7 +219,7 @@ def map_batch(
             raise site.ambiguous(h, path, axis, declared)
         return h, 0
 
-    return _walk(obj, leaf, refuse_packed=site.packed)
+    return walk(obj, leaf, refuse_packed=site.packed)
 
 
 def _along(h: Tensor, axis: int, fn: Callable[[Tensor], Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Losses that accept class indices, soft targets or :class:`MixedTarget` pairs (plain torch).
+"""Owns the losses: class indices, soft targets, class maps or :class:`MixedTarget` pairs.
 
 All losses upcast logits to float32 and run with autocast disabled, so they give the same
 value under ``16-mixed``/``bf16-mixed`` as in float32 and never overflow in half precision.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_manifold_mixup.targets import MixedTarget, one_hot_pair
+from lightning_manifold_mixup.targets import FLOAT, MAPS, MixedTarget, kind_of, soft_targets
 
 Criterion = Literal["ce", "bce", "bce_with_logits"]
 Target = Tensor | MixedTarget
@@ -122,16 +122,7 @@ def bce_softmax_loss(logits: Tensor, target: Target, *, label_smoothing: float =
     num_classes = logits.shape[-1]
     with _no_autocast(logits.device.type):
         z = logits.float()
-        if isinstance(target, MixedTarget):
-            lam = target.lam.to(device=z.device, dtype=torch.float32)
-            lam = lam.expand(z.shape[0]).unsqueeze(1)
-            soft = lam * F.one_hot(target.y_a, num_classes) + (1.0 - lam) * F.one_hot(
-                target.y_b, num_classes
-            )
-        elif target.is_floating_point():
-            soft = target.float()
-        else:
-            soft = F.one_hot(target, num_classes).float()
+        soft = soft_targets(target, num_classes)
         if label_smoothing:
             soft = soft * (1.0 - label_smoothing) + label_smoothing / num_classes
         return F.binary_cross_entropy(torch.softmax(z, dim=-1), soft)
@@ -163,7 +154,8 @@ def mixup_loss(
     if criterion not in ("ce", "bce"):
         raise ValueError(f"unknown criterion {criterion!r}; use 'ce', 'bce' or 'bce_with_logits'")
     maps = target.y_a if isinstance(target, MixedTarget) else target
-    if maps.ndim >= 2 and not maps.is_floating_point():
+    kind = kind_of(maps)
+    if kind is MAPS:
         if criterion != "ce":
             raise ValueError(
                 f"criterion={criterion!r} takes (B, C) targets; integer class maps of shape "
@@ -176,7 +168,7 @@ def mixup_loss(
             label_smoothing=label_smoothing,
             class_axis_hint=class_axis,
         )
-    if maps.is_floating_point() and maps.ndim >= 2 and logits.ndim == maps.ndim + 1:
+    if kind is FLOAT and maps.ndim >= 2 and logits.ndim == maps.ndim + 1:
         raise ValueError(
             f"float targets of shape {tuple(maps.shape)} for logits of shape "
             f"{tuple(logits.shape)} look like a mask of class indices stored as floats, which "
@@ -236,27 +228,6 @@ def class_axis(logits: Tensor, target_shape: tuple[int, ...], axis: int | None =
         + ("" if axis is None else f", and mixup_class_axis={axis}")
         + multi_label
     )
-
-
-def check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Integer labels lie in ``[0, num_classes)`` or equal ``ignore_index`` (a host read).
-
-    Example:
-        >>> check_labels(torch.tensor([[0, 2, -100]]), 3, -100)
-        >>> check_labels(torch.tensor([[0, 3]]), 3, -100)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: labels must lie in [0, 3) or equal ignore_index=-100; found 3 ...
-    """
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        values = torch.unique(labels[bad])[:5].tolist()
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            f"found {', '.join(map(str, values))} ({int(bad.sum())} entries). Fix the "
-            f"dataset's labels, the number of classes on the class axis of the logits "
-            f"({num_classes}), or mixup_ignore_index on the LightningModule"
-        )
 
 
 def dense_cross_entropy(
@@ -324,14 +295,6 @@ def bce_with_logits_loss(logits: Tensor, target: Target) -> Tensor:
         >>> round(float(bce_with_logits_loss(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]))), 4)
         0.6931
     """
-    num_classes = logits.shape[-1]
     with _no_autocast(logits.device.type):
         z = logits.float()
-        if isinstance(target, MixedTarget):
-            lam = target.lam.to(device=z.device, dtype=torch.float32).expand(z.shape[0])
-            soft = one_hot_pair(target.y_a, target.y_b, lam, num_classes)
-        elif target.is_floating_point():
-            soft = target.float()
-        else:
-            soft = F.one_hot(target, num_classes).float()
-        return F.binary_cross_entropy_with_logits(z, soft)
+        return F.binary_cross_entropy_with_logits(z, soft_targets(target, logits.shape[-1]))

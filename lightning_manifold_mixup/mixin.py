@@ -1,4 +1,4 @@
-"""``ManifoldMixupMixin``: the LightningModule side of Manifold Mixup."""
+"""Owns the LightningModule side: ``ManifoldMixupMixin`` and the checks of a fitted module."""
 
 from __future__ import annotations
 
@@ -17,14 +17,8 @@ from lightning_manifold_mixup._lightning import (
     pl,
     rank_zero_warn,
 )
-from lightning_manifold_mixup.losses import (
-    Criterion,
-    Target,
-    check_labels,
-    class_axis,
-    mixup_loss,
-)
-from lightning_manifold_mixup.targets import MixedTarget
+from lightning_manifold_mixup.losses import Criterion, Target, class_axis, mixup_loss
+from lightning_manifold_mixup.targets import MAPS, MixedTarget, check_labels, kind_of
 
 
 def dominant_class(target: Target) -> Tensor:
@@ -66,9 +60,9 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
 
 def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> None:
     """Check class maps' labels against the logits' classes (other targets need no check)."""
-    maps = target.y_a if isinstance(target, MixedTarget) else target
-    if maps.is_floating_point() or maps.ndim < 2:
+    if kind_of(target) is not MAPS:
         return
+    maps = target.y_a if isinstance(target, MixedTarget) else target
     num_classes = logits.shape[class_axis(logits, tuple(maps.shape), axis)]
     for labels in (target.y_a, target.y_b) if isinstance(target, MixedTarget) else (maps,):
         check_labels(labels, num_classes, ignore_index)
@@ -205,8 +199,8 @@ class ManifoldMixupMixin:
         detached = logits.detach()
         dominant = dominant_class(target)
         axis, valid = -1, None
-        maps = target.y_a if isinstance(target, MixedTarget) else target
-        if maps.ndim >= 2 and not maps.is_floating_point():  # class maps: per entry
+        if kind_of(target) is MAPS:  # class maps: per entry
+            maps = target.y_a if isinstance(target, MixedTarget) else target
             axis = class_axis(detached, tuple(maps.shape), self.mixup_class_axis)
             valid = (dominant != self.mixup_ignore_index).float()
         hits = (detached.argmax(axis) == dominant).float()

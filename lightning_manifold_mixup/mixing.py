@@ -1,4 +1,4 @@
-"""The mixing math in one namespace: every plain-torch function of the package, no Lightning.
+"""Owns the public namespace of the math: every plain-torch function of the package, in one.
 
 Each function lives in the module that owns its concern (:mod:`~lightning_manifold_mixup.draw`,
 :mod:`~lightning_manifold_mixup.layout`, :mod:`~lightning_manifold_mixup.policies`,
@@ -14,22 +14,28 @@ Example:
 """
 
 from lightning_manifold_mixup.draw import (
+    Box,
     Draw,
     KeyedStream,
     LamMode,
     MixDecision,
+    cutmix_box,
+    cutmix_lam,
     host_to_device,
     lam_tensor,
     sample_decision,
 )
-from lightning_manifold_mixup.layout import batch_first_of, is_batch_major, map_batch, map_nested
+from lightning_manifold_mixup.layout import (
+    batch_first_of,
+    is_batch_major,
+    map_batch,
+    map_nested,
+    tensors,
+)
 from lightning_manifold_mixup.policies import (
     Blend,
-    Box,
     CutMix,
     MixPolicy,
-    cutmix_box,
-    cutmix_lam,
     cutmix_tensor,
     mix_batch,
     mix_tensor,
@@ -42,6 +48,7 @@ from lightning_manifold_mixup.targets import (
     mix_targets_with_partner,
     one_hot_mix,
     one_hot_pair,
+    soft_targets,
 )
 
 __all__ = [
@@ -72,4 +79,6 @@ __all__ = [
     "one_hot_pair",
     "permute_rows",
     "sample_decision",
+    "soft_targets",
+    "tensors",
 ]

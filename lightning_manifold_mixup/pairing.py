@@ -1,9 +1,11 @@
-"""How samples find their partners: within the local batch, or across every rank's batch.
+"""Owns who a row is mixed with: the rows of the local batch, or of every rank's batch.
 
-``LocalPairing`` pairs rows of a process's own batch (each data-parallel replica draws its own
-stream). ``GlobalPairing`` pairs each row with one of the global batch (every rank's rows in
-rank order): all ranks share one draw of ``world_size * B`` rows, keep their own slice of it,
-and gather hidden states (with gradients back to their owners), inputs and targets.
+A pairing answers one question, ``partner(t, index)``: the partner rows of a ``(B, ...)``
+tensor. ``LocalPairing`` takes them from the process's own batch (``t[index]``; each
+data-parallel replica draws its own stream). ``GlobalPairing`` takes them from the global batch
+(every rank's rows in rank order): all ranks share one draw of ``world_size * B`` rows, keep
+their own slice of it, and gather (hidden states with gradients back to their owners).
+What is done with the partner rows is the policy's business, not the pairing's.
 """
 
 from __future__ import annotations
@@ -15,9 +17,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_manifold_mixup._lightning import MisconfigurationException, pl, rank_zero_warn
-from lightning_manifold_mixup.draw import MixDecision
-from lightning_manifold_mixup.layout import map_batch
-from lightning_manifold_mixup.policies import mix_batch, mix_with_partner
+from lightning_manifold_mixup.policies import permute_rows
 
 # Stream key of the shared draw under global pairing: no replica index reaches it, so the
 # shared stream never coincides with a replica's own.
@@ -27,43 +27,17 @@ SHARED_STREAM = 2**32 - 1
 class LocalPairing:
     """Partners come from the process's own batch; its stream is keyed by its replica."""
 
+    gather: Any = None  # every rank's rows of a tensor (global pairing only)
+    # The partner rows of ``t`` (B, ...) under ``index`` (B,): ``t[index]``, a fresh tensor.
+    partner = staticmethod(permute_rows)
+
     def __init__(self, replica: int) -> None:
         self.replica = replica
-
-    @property
-    def stream_key(self) -> int:
-        return self.replica
+        self.stream_key = replica
 
     def draw_rows(self, batch_size: int, device: torch.device) -> tuple[int, slice | None]:
         """Rows to draw a permutation over, and this rank's slice of them (None: all)."""
         return batch_size, None
-
-    def partner_targets(self, y: Tensor, index: Tensor) -> Tensor | None:
-        return None
-
-    @property
-    def gather(self) -> Any:
-        """A function giving every rank's rows of a tensor; None when pairing is local."""
-        return None
-
-    def mix(
-        self,
-        obj: Any,
-        decision: MixDecision,
-        batch_size: int,
-        where: str,
-        module: Any = None,
-        batch_major: bool = False,
-    ) -> tuple[Any, int]:
-        return mix_batch(
-            obj,
-            decision.lam,
-            decision.index,
-            batch_size,
-            where=where,
-            module=module,
-            batch_major=batch_major,
-        )
 
 
 class GlobalPairing(LocalPairing):
@@ -72,37 +46,22 @@ class GlobalPairing(LocalPairing):
     def __init__(self, rank: int, world_size: int) -> None:
         super().__init__(rank)
         self.world_size = world_size
-
-    @property
-    def stream_key(self) -> int:
         # One stream for every rank: they must agree on the layer (the hook's collectives
         # would otherwise wait for each other forever), lam and the global permutation.
-        return SHARED_STREAM
+        self.stream_key = SHARED_STREAM
+        self.gather = _global_rows
 
     def draw_rows(self, batch_size: int, device: torch.device) -> tuple[int, slice | None]:
         _check_equal_batch_sizes(batch_size, device)
         first = self.replica * batch_size
         return self.world_size * batch_size, slice(first, first + batch_size)
 
-    def partner_targets(self, y: Tensor, index: Tensor) -> Tensor | None:
-        return _global_rows(y).index_select(0, index)
-
-    @property
-    def gather(self) -> Any:
-        return _global_rows
-
-    def mix(
-        self,
-        obj: Any,
-        decision: MixDecision,
-        batch_size: int,
-        where: str,
-        module: Any = None,
-        batch_major: bool = False,
-    ) -> tuple[Any, int]:
-        return map_batch(
-            obj, lambda h: _mix_across_ranks(h, decision), batch_size, where=where, module=module
-        )
+    @staticmethod
+    def partner(t: Tensor, index: Tensor) -> Tensor:
+        """Rows ``index`` (global row indices) of every rank's ``t``, with gradients sent
+        back to the ranks that own them when ``t`` requires grad."""
+        rows: Tensor = _GatherRows.apply(t) if t.requires_grad else _global_rows(t)
+        return rows.index_select(0, index.to(t.device))
 
 
 def make_pairing(pairing: str, trainer: pl.Trainer) -> LocalPairing:
@@ -179,13 +138,6 @@ class _GatherRows(torch.autograd.Function):
         total = grad.clone()
         dist.all_reduce(total)
         return total[rank * rows : (rank + 1) * rows]
-
-
-def _mix_across_ranks(h: Tensor, decision: MixDecision) -> Tensor:
-    """``lam * h + (1 - lam) * global_h[index]`` for a hidden state, gradients to every rank."""
-    global_h: Tensor = _GatherRows.apply(h) if h.requires_grad else _global_rows(h)
-    partner = global_h.index_select(0, decision.index.to(h.device))
-    return mix_with_partner(h, partner, decision.lam, overwrite_partner=True)
 
 
 def _check_equal_batch_sizes(batch_size: int, device: torch.device) -> None:

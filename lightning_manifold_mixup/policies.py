@@ -1,10 +1,11 @@
-"""Mixing policies: how a hidden batch (or the input) is mixed with its partner rows.
+"""Owns how a tensor is combined with its partner rows: the formula and the policy interface.
 
-:class:`Blend` is Manifold Mixup's ``lam * h + (1 - lam) * h[index]`` (Verma et al., ICML 2019,
-eq. 2) along each tensor's batch axis; :class:`CutMix` pastes a box of the partner rows into
-the last two dimensions of a ``(B, C, H, W)`` tensor, with lam the kept area. Both follow
-:class:`MixPolicy`, so the callback never asks which one it holds; a new policy is one class
-here. Plain torch, no Lightning import.
+A policy is one per-tensor function, ``combine(h, partner, lam)``, and a rule for the targets
+(:data:`TargetRule`: ``"blend"``, ``"paste"`` or ``"keep"``). ``partner`` holds the rows ``h``
+is mixed with, whichever pairing found them (the local batch permuted, or every rank's rows
+gathered). :class:`Blend` is Manifold Mixup's ``lam * h + (1 - lam) * partner`` (Verma et al.,
+ICML 2019, eq. 2), whose formula lives in :func:`mix_with_partner` alone; :class:`CutMix`
+pastes a box of the partner rows into ``(B, C, H, W)`` tensors. Plain torch, no Lightning.
 
 Example:
     >>> h = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -15,61 +16,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+import dataclasses
+import functools
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_manifold_mixup.draw import MixDecision, lam_tensor
+from lightning_manifold_mixup.draw import Box, Draw, lam_tensor
 from lightning_manifold_mixup.layout import describe, map_batch
 
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[index]`` for a permutation ``index``, with a gather (not a scatter-add) backward.
-
-    The gradient of a row permutation is the inverse permutation of the gradient; on the CPU a
-    gather computes it faster than the scatter-add autograd uses for ``x[index]`` once the
-    tensor is not tiny (about 1.5x at 32k elements, 2x from 128k; one core).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        arange = torch.arange(index.shape[0], device=index.device, dtype=index.dtype)
-        inverse = torch.empty_like(index).scatter_(0, index, arange)
-        return grad.index_select(0, inverse), None
-
-
-# Below this many elements a custom autograd function costs more host time than its gather
-# backward saves (CPU, one core); on accelerators the scatter-add backward is as fast.
-_GATHER_BACKWARD_MIN = 16384
-
-
-def permute_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` along dim 0 for a permutation ``index``.
-
-    The backward is exact and deterministic on every device (each row receives exactly one
-    gradient row); large CPU tensors take a gather backward (:class:`_PermuteRows`).
-
-    Example:
-        >>> permute_rows(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([2, 0, 1]))
-        tensor([[3.],
-                [1.],
-                [2.]])
-    """
-    index = index.to(x.device)
-    if x.requires_grad and x.device.type == "cpu" and x.numel() >= _GATHER_BACKWARD_MIN:
-        out: Tensor = _PermuteRows.apply(x, index)
-        return out
-    return x.index_select(0, index)
+TargetRule = Literal["blend", "paste", "keep"]
 
 
 class _HalfLerp(torch.autograd.Function):
@@ -93,8 +51,8 @@ class _HalfLerp(torch.autograd.Function):
         return (g * (1.0 - w32)).to(grad.dtype), (g * w32).to(grad.dtype), None
 
 
-def _lam_like(lam: Tensor, h: Tensor) -> Tensor:
-    """``lam`` on ``h``'s device, shaped to broadcast over ``h`` (still float32)."""
+def lam_like(lam: Tensor, h: Tensor) -> Tensor:
+    """``lam`` (``()`` or ``(B,)``) on ``h``'s device, shaped to broadcast over ``h``."""
     lam = lam.to(device=h.device)
     if lam.ndim == 1:
         lam = lam.view(lam.shape[0], *([1] * (h.ndim - 1)))
@@ -118,11 +76,10 @@ def mix_with_partner(
     Returns:
         A tensor with the shape, dtype and device of ``h``. In float32/float64 it is the
         formula above, operation for operation, with lam and ``1 - lam`` rounded to float32.
-        In float16/bfloat16
-        it is ``torch.lerp``, which evaluates the same convex combination in float32
-        internally (with lam rounded to ``h``'s dtype first): float16
-        values up to the float16 maximum never overflow to inf, which the formula in float16
-        can do when the two rounded weights sum to slightly more than 1.
+        In float16/bfloat16 it is ``torch.lerp``, which evaluates the same convex combination
+        in float32 internally (with lam rounded to ``h``'s dtype first): float16 values up to
+        the float16 maximum never overflow to inf, which the formula in float16 can do when
+        the two rounded weights sum to slightly more than 1.
 
     Example:
         >>> mix_with_partner(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.75)
@@ -137,7 +94,7 @@ def mix_with_partner(
         )
     if not isinstance(lam, Tensor):
         lam = lam_tensor(lam, h.device)
-    lam = _lam_like(lam, h)
+    lam = lam_like(lam, h)
     if h.element_size() < 4:
         out: Tensor = _HalfLerp.apply(partner, h, lam.to(h.dtype))
         return out
@@ -146,6 +103,18 @@ def mix_with_partner(
     # three; addition commutes, so this is the formula's value bit for bit.
     out = partner.mul_(other) if overwrite_partner else partner * other
     return out.add_(h * own)
+
+
+def permute_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along dim 0: the partner rows under a permutation ``index`` ``(B,)``.
+
+    Example:
+        >>> permute_rows(torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([2, 0, 1]))
+        tensor([[3.],
+                [1.],
+                [2.]])
+    """
+    return x.index_select(0, index.to(x.device))
 
 
 def mix_tensor(h: Tensor, lam: Tensor | float, index: Tensor) -> Tensor:
@@ -168,52 +137,15 @@ def mix_batch(
     *,
     where: str,
     module: nn.Module | None = None,
-    batch_major: bool = False,
 ) -> tuple[Any, int]:
     """:func:`map_batch` with the mix ``lam * h + (1 - lam) * h[index]`` along each batch axis.
 
     ``lam`` is ``()`` or ``(B,)`` (broadcast over the other axes of each tensor), ``index`` is
-    the ``(B,)`` permutation. ``batch_major=True`` says ``module`` is known to put the batch
-    on axis 0 (:func:`is_batch_major`), so a tensor output is mixed without the layout walk.
-    Returns the mixed structure and how many tensors were mixed.
+    the ``(B,)`` permutation. Returns the mixed structure and how many tensors were mixed.
     """
-    if (
-        (module is None or batch_major)
-        and isinstance(obj, Tensor)
-        and obj.ndim
-        and obj.shape[0] == batch_size
-        and obj.is_floating_point()
-    ):
-        return mix_tensor(obj, lam, index), 1  # the common case, without the generic walk
     return map_batch(
         obj, lambda h: mix_tensor(h, lam, index), batch_size, where=where, module=module
     )
-
-
-def cutmix_box(
-    height: int, width: int, lam: float, center: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """The box ``(y0, y1, x0, x1)`` of area about ``(1 - lam) * H * W`` around ``center``.
-
-    ``center`` holds fractions of the height and width; the box is clipped to the image, so
-    the pasted area can be smaller than asked: use :func:`cutmix_lam` for the true weight.
-
-    Example:
-        >>> cutmix_box(8, 8, 0.75, (0.5, 0.5))
-        (2, 6, 2, 6)
-    """
-    ratio = float(np.sqrt(1.0 - lam))
-    cut_h, cut_w = round(height * ratio), round(width * ratio)
-    cy, cx = int(center[0] * height), int(center[1] * width)
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, width)
-    return y0, y1, x0, x1
-
-
-def cutmix_lam(height: int, width: int, box: tuple[int, int, int, int]) -> float:
-    """Weight of the original sample: ``1 - pasted area / (H * W)``."""
-    y0, y1, x0, x1 = box
-    return 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
 
 
 def cutmix_tensor(h: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> Tensor:
@@ -228,95 +160,67 @@ def cutmix_tensor(h: Tensor, index: Tensor, box: tuple[int, int, int, int]) -> T
             f"CutMix needs a (B, C, H, W) tensor, got shape {tuple(h.shape)}; use blending "
             "(cutmix_prob=0) for layers without spatial dimensions"
         )
-    y0, y1, x0, x1 = box
-    out = h.clone()
-    out[..., y0:y1, x0:x1] = permute_rows(h, index)[..., y0:y1, x0:x1]
-    return out
+    return Box(*box, h.shape[-2], h.shape[-1]).paste(h, permute_rows(h, index))
 
 
-Blender = Callable[[Any], tuple[Any, int]]
-"""Blends a layer output or the input with the partner rows; returns it and the tensor count
-(the pairing's mix: within the local batch, or across ranks)."""
+class MixPolicy:
+    """How a batch's tensors are combined with their partner rows, and how its targets follow.
 
+    ``combine(h, partner, lam)`` maps a ``(B, ...)`` float tensor, its partner rows (same shape
+    and dtype, a fresh tensor the policy may overwrite) and lam (float32, ``()`` or ``(B,)``)
+    to the mixed tensor. ``targets`` says what happens to the batch's targets: ``"blend"``
+    (``lam * y + (1 - lam) * y_partner``), ``"paste"`` (class maps get the partner's labels in
+    the box, other targets blend with the kept area) or ``"keep"`` (untouched).
 
-@dataclass(frozen=True)
-class Box:
-    """A CutMix box ``[y0, y1) x [x0, x1)`` on a grid of ``height x width``.
-
-    Example:
-        >>> box = Box(2, 6, 2, 6, 8, 8)
-        >>> box.kept, box.scaled(4, 4)
-        (0.75, Box(y0=1, y1=3, x0=1, x1=3, height=4, width=4))
+    ``start`` gives the policy of one batch: it may draw numbers of its own from the batch's
+    generator, after every common draw, so the draws of the other policies never move. A
+    ``boxed`` policy mixes inside a box, placed by ``place`` on the first tensor it meets.
     """
 
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    height: int
-    width: int
+    name: ClassVar[str] = ""
+    targets: ClassVar[TargetRule] = "blend"
+    boxed: ClassVar[bool] = False
 
-    @property
-    def kept(self) -> float:
-        """Weight of the original sample: the area fraction outside the box."""
-        return cutmix_lam(self.height, self.width, (self.y0, self.y1, self.x0, self.x1))
+    def start(
+        self, rng: np.random.Generator, draw: Draw, rows: int, mine: slice | None
+    ) -> tuple[MixPolicy, Draw] | None:
+        """This batch's policy and draw (None: the batch is not mixed). ``rows`` is the number
+        of rows drawn over (every rank's under global pairing), ``mine`` this rank's slice."""
+        return self, draw
 
-    def scaled(self, height: int, width: int) -> Box:
-        """The same box on a ``height x width`` grid (a mask of another resolution)."""
-        if (height, width) == (self.height, self.width):
-            return self
-        sy, sx = height / self.height, width / self.width
-        return Box(
-            round(self.y0 * sy),
-            round(self.y1 * sy),
-            round(self.x0 * sx),
-            round(self.x1 * sx),
-            height,
-            width,
+    def place(self, h: Any, where: str) -> tuple[MixPolicy, Box, float]:
+        """A boxed policy's box on ``h``: the policy holding it, the box and the weight of the
+        original sample in the targets."""
+        raise NotImplementedError(f"{type(self).__name__} mixes no box")
+
+    combine: Any = None  # (h, partner, lam) -> mixed h
+
+
+class Blend(MixPolicy):
+    """``lam * h + (1 - lam) * partner`` for every batch tensor (Manifold Mixup)."""
+
+    name = "blend"
+    # The formula itself: no call between the hook and mix_with_partner.
+    combine = staticmethod(functools.partial(mix_with_partner, overwrite_partner=True))
+
+
+def box_needs_spatial(h: Any, where: str, policy: str, fix: str) -> None:
+    """Refuse a boxed policy on anything but a ``(B, C, H, W)`` tensor."""
+    if isinstance(h, Tensor) and h.ndim >= 3:
+        return
+    if where == "input":
+        raise ValueError(
+            f"{policy} on the input needs a (B, C, H, W) tensor, got {describe(h)}; {fix} or "
+            "remove 'input' from layers"
         )
-
-    def paste(self, h: Tensor, index: Tensor) -> Tensor:
-        """``h`` with this box of its last two dims pasted from ``h[index]``."""
-        return cutmix_tensor(h, index, (self.y0, self.y1, self.x0, self.x1))
-
-
-class MixPolicy(Protocol):
-    """How one batch mixes: the input at the batch start, a hidden layer in its forward hook.
-
-    ``place`` returns the CutMix box a tensor would get (None for policies without one); the
-    callback calls it on the input to fix lam before the targets are mixed, and hands that box
-    back to ``mix``. ``mix`` returns the mixed object, how many tensors were mixed, and the box
-    it used (None: lam is unchanged).
-    ``pastes`` says whether the batch's targets take a box too (class maps get the partner's
-    labels pasted in), rather than a blend.
-    """
-
-    pastes: bool
-
-    def place(self, h: Any, where: str) -> Box | None: ...
-
-    def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
-    ) -> tuple[Any, int, Box | None]: ...
+    raise ValueError(
+        f"{policy} at layer {where!r} needs a (B, C, H, W) tensor output, got "
+        f"{describe(h)}; {fix} or choose spatial layers only"
+    )
 
 
-class Blend:
-    """``lam * h + (1 - lam) * h[index]`` for every batch tensor of the object (Manifold Mixup)."""
-
-    pastes = False
-
-    def place(self, h: Any, where: str) -> Box | None:
-        return None
-
-    def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
-    ) -> tuple[Any, int, Box | None]:
-        mixed, count = blend(obj)
-        return mixed, count, None
-
-
-@dataclass(frozen=True)
-class CutMix:
+@dataclasses.dataclass(frozen=True)
+class CutMix(MixPolicy):
     """Paste a box of the partner rows; its area is about ``(1 - area_lam)`` of ``(H, W)``.
 
     ``center`` holds fractions of the height and width, so a box can be placed on any
@@ -326,29 +230,16 @@ class CutMix:
 
     area_lam: float
     center: tuple[float, float]
-    pastes = True
+    box: Box | None = None
+    name = "cutmix"
+    targets = "paste"
+    boxed = True
 
-    def place(self, h: Any, where: str) -> Box:
-        if not isinstance(h, Tensor) or h.ndim < 3:
-            if where == "input":
-                raise ValueError(
-                    f"CutMix on the input needs a (B, C, H, W) tensor, got {describe(h)}; set "
-                    "cutmix_prob=0 or remove 'input' from layers"
-                )
-            raise ValueError(
-                f"CutMix at layer {where!r} needs a (B, C, H, W) tensor output, got "
-                f"{describe(h)}; set cutmix_prob=0 or choose spatial layers only"
-            )
-        height, width = h.shape[-2], h.shape[-1]
-        return Box(*cutmix_box(height, width, self.area_lam, self.center), height, width)
+    def place(self, h: Any, where: str) -> tuple[MixPolicy, Box, float]:
+        box_needs_spatial(h, where, "CutMix", "set cutmix_prob=0")
+        box = Box.place(h.shape[-2], h.shape[-1], self.area_lam, self.center)
+        return dataclasses.replace(self, box=box), box, box.kept
 
-    def mix(
-        self, obj: Any, decision: MixDecision, blend: Blender, where: str, box: Box | None = None
-    ) -> tuple[Any, int, Box | None]:
-        box = box or self.place(obj, where)
-        return box.paste(obj, decision.index), 1, box
-
-
-def make_policy(cutmix: bool, lam: np.ndarray, center: tuple[float, float]) -> MixPolicy:
-    """The policy of a drawn batch: CutMix (its drawn lam sets the box area) or Blend."""
-    return CutMix(float(lam), center) if cutmix else Blend()
+    def combine(self, h: Tensor, partner: Tensor, lam: Tensor) -> Tensor:
+        assert self.box is not None, "placed before it combines"
+        return self.box.paste(h, partner)

@@ -1,4 +1,4 @@
-"""``MixRecord``: what the callback mixed, counted on the host and logged the Lightning way.
+"""Owns the record of what was mixed (``MixRecord``): counted on the host, logged by Lightning.
 
 Every number here comes from the host-side draw (layer position, lam), so recording and
 logging never read device memory. Values reach the Trainer's loggers directly on Lightning's

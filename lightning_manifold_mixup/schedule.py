@@ -1,4 +1,4 @@
-"""Alpha over a run: the schedule, warmup and ``stop_epoch`` of the mixing strength."""
+"""Owns alpha over a run: the schedule, warmup and ``stop_epoch`` of the mixing strength."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``DecisionStream``: the callback's seed, batch counter and checkpoint state.
+"""Owns where the draws come from (``DecisionStream``): the seed, batch counter, checkpoints.
 
 The draws of batch ``step`` come from :class:`~lightning_manifold_mixup.draw.KeyedStream`, keyed
 by ``(seed, stream)`` with the counter at ``step``; this module decides the seed and the step

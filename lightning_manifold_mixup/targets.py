@@ -1,12 +1,12 @@
-"""Targets mixed like the features: one table of target kinds and the mixer that uses it.
+"""Owns the targets: the table of target kinds, how each mixes with its partner rows.
 
-Each kind of target (:data:`TARGET_KINDS`) says how a batch of it is mixed with its partner rows
-by a blend (lam) and by a CutMix box. Float targets (one-hot, soft, multi-label, regression)
-blend as they are; integer class labels ``(B,)`` become float32 soft targets ``(B, C)`` or a
-:class:`MixedTarget` pair; integer class maps ``(B, d1, ...)`` (segmentation masks, token
-labels) stay a :class:`MixedTarget` pair of maps, or under CutMix an integer map with the
-partner's box pasted in. A new kind of target is one class and one entry in the table.
-Plain torch, no Lightning import.
+Each kind of target (:data:`TARGET_KINDS`, looked up by :func:`kind_of`) says how a batch of it
+is mixed with its partner rows by a blend (lam) and by a box. Float targets (one-hot, soft,
+multi-label, regression) blend as they are; integer class labels ``(B,)`` become float32 soft
+targets ``(B, C)`` or a :class:`MixedTarget` pair; integer class maps ``(B, d1, ...)``
+(segmentation masks, token labels) stay a :class:`MixedTarget` pair of maps, or under CutMix an
+integer map with the partner's box pasted in. The losses and the mixin read the same table.
+A new kind of target is one class and one entry in the table. Plain torch, no Lightning.
 
 Example:
     >>> one_hot_mix(torch.tensor([0, 2]), torch.tensor(0.25), torch.tensor([1, 0]), 3)
@@ -16,13 +16,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_manifold_mixup.draw import lam_tensor
-from lightning_manifold_mixup.policies import Box, mix_tensor, mix_with_partner
+from lightning_manifold_mixup.draw import Box, lam_tensor
+from lightning_manifold_mixup.policies import TargetRule, mix_with_partner, permute_rows
+
+Partner = Callable[[Tensor], Tensor]
+"""The partner rows of a ``(B, ...)`` tensor (the pairing's answer for the batch in flight)."""
 
 
 class MixedTarget(NamedTuple):
@@ -88,10 +93,8 @@ def mix_targets(
     (one-hot, soft, multi-label, regression) become ``lam * y + (1 - lam) * y[index]`` in
     their own dtype.
     """
-    if y.is_floating_point():
-        return mix_tensor(y, lam, index)
     return mix_targets_with_partner(
-        y, y.index_select(0, index.to(y.device)), lam, num_classes=num_classes, pair=pair
+        y, permute_rows(y, index), lam, num_classes=num_classes, pair=pair
     )
 
 
@@ -118,67 +121,52 @@ def mix_targets_with_partner(
     return one_hot_pair(y, y_partner, lam, num_classes)
 
 
-class TargetKind(Protocol):
-    """How a batch of one kind of target is mixed with its partner rows.
+def soft_targets(target: Tensor | MixedTarget, num_classes: int) -> Tensor:
+    """Float32 ``(B, C)`` rows of class labels ``(B,)``, soft targets or a pair.
 
-    ``blend`` mixes with ``lam`` (shape ``()`` or ``(B,)``), ``index`` (the ``(B,)`` partner
-    rows) or ``partner`` (the partner rows themselves, when they come from other ranks);
-    ``cut`` mixes for a CutMix batch, with ``lam`` the box's kept area; its ``box`` is None
-    until the box is placed (at a hidden layer), when the result is rewritten in place.
+    Example:
+        >>> soft_targets(torch.tensor([1]), 3)
+        tensor([[0., 1., 0.]])
     """
-
-    def matches(self, y: Tensor) -> bool: ...
-
-    def blend(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
-    ) -> Any: ...
-
-    def cut(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
-    ) -> Any: ...
+    kind = kind_of(target)
+    if isinstance(target, MixedTarget):
+        return one_hot_pair(target.y_a, target.y_b, target.lam, num_classes)
+    if kind is FLOAT:
+        return target.float()
+    return F.one_hot(target, num_classes).float()
 
 
 class FloatTargets:
     """One-hot, soft, multi-label or regression targets of any shape: blended as they are,
-    in their own dtype (a CutMix batch blends them with the kept area)."""
+    in their own dtype (a box blends them with the kept area)."""
 
-    def matches(self, y: Tensor) -> bool:
-        return y.is_floating_point()
+    name = "float"
 
-    def blend(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
-    ) -> Any:
-        if partner is not None:
-            return mix_targets_with_partner(y, partner, lam)
-        return mix_tensor(y, lam, index)
+    def blend(self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner) -> Any:
+        return mix_with_partner(y, partner(y), lam, overwrite_partner=True)
 
     def cut(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner, box: Box | None
     ) -> Any:
-        return self.blend(mixer, y, lam, index, None)
+        return self.blend(mixer, y, lam, partner)
 
 
 class ClassLabels:
     """Integer class labels ``(B,)``: float32 soft targets ``(B, C)`` (``mode="soft"``) or a
     :class:`MixedTarget` (``mode="pair"``); a CutMix batch weighs them by the kept area."""
 
-    def matches(self, y: Tensor) -> bool:
-        return y.ndim == 1
+    name = "labels"
 
-    def blend(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
-    ) -> Any:
-        if mixer.mode == "pair":
-            return _pair(y, lam, index, partner)
+    def blend(self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner) -> Any:
         y = y if y.dtype == torch.int64 else y.long()  # scatter and gather take int64
-        if partner is not None:
-            partner = partner if partner.dtype == torch.int64 else partner.long()
-        return mixer.soft(y, lam, index, partner)
+        if mixer.mode == "pair":
+            return MixedTarget(y, partner(y), lam_tensor(lam, y.device))
+        return mixer.soft(y, lam, partner)
 
     def cut(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner, box: Box | None
     ) -> Any:
-        return self.blend(mixer, y, lam, index, None)
+        return self.blend(mixer, y, lam, partner)
 
 
 class DenseLabels:
@@ -188,51 +176,37 @@ class DenseLabels:
     the partner's labels in the box, scaled to the map's last two dims: the target stays an
     exact integer map."""
 
-    def matches(self, y: Tensor) -> bool:
-        return y.ndim >= 2
+    name = "maps"
 
-    def blend(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
-    ) -> Any:
-        return _pair(y, lam, index, partner)
+    def blend(self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner) -> Any:
+        y = y if y.dtype == torch.int64 else y.long()  # gather and cross-entropy take int64
+        return MixedTarget(y, partner(y), lam_tensor(lam, y.device))
 
     def cut(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner, box: Box | None
     ) -> Any:
+        y = y if y.dtype == torch.int64 else y.long()
         if box is None:  # placed later at a hidden layer: a map to rewrite in place then
-            return y.clone() if y.dtype == torch.int64 else y.long()
+            return y.clone()
         if y.ndim < 3:
             raise ValueError(
                 f"CutMix pastes a box into the last two dimensions, but the integer targets "
                 f"have shape {tuple(y.shape)} (token labels (B, T) have one): set "
                 "cutmix_prob=0 for sequence targets"
             )
-        return box.scaled(y.shape[-2], y.shape[-1]).paste(y, index.to(y.device))
-
-
-def _pair(y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None) -> MixedTarget:
-    """Integer labels or maps and their partners' (``y[index]``, or ``partner`` from other
-    ranks) as an int64 :class:`MixedTarget`."""
-    y = y if y.dtype == torch.int64 else y.long()  # gather and cross-entropy take int64
-    if partner is None:
-        partner = y.index_select(0, index.to(y.device))
-    partner = partner.to(device=y.device, dtype=torch.int64)
-    return MixedTarget(y, partner, lam_tensor(lam, y.device))
+        return box.paste(y, partner(y))
 
 
 class _Unsupported:
     """Boolean and complex targets: refused with the way out."""
 
-    def matches(self, y: Tensor) -> bool:
-        return True
+    name = "unsupported"
 
-    def blend(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None
-    ) -> Any:
+    def blend(self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner) -> Any:
         raise self._error(y)
 
     def cut(
-        self, mixer: TargetMixer, y: Tensor, lam: Tensor, index: Tensor, box: Box | None
+        self, mixer: TargetMixer, y: Tensor, lam: Tensor, partner: Partner, box: Box | None
     ) -> Any:
         raise self._error(y)
 
@@ -244,15 +218,26 @@ class _Unsupported:
         )
 
 
-# Looked up in order: the first kind that matches a target mixes it.
-TARGET_KINDS: list[TargetKind] = [FloatTargets(), ClassLabels(), DenseLabels(), _Unsupported()]
+FLOAT, LABELS, MAPS, UNSUPPORTED = FloatTargets(), ClassLabels(), DenseLabels(), _Unsupported()
+TARGET_KINDS = {kind.name: kind for kind in (FLOAT, LABELS, MAPS, UNSUPPORTED)}
+"""Every kind of target by name; :func:`kind_of` says which one a target is."""
 
 
-def kind_of(y: Tensor) -> TargetKind:
-    """The entry of :data:`TARGET_KINDS` that mixes ``y``."""
-    if y.dtype == torch.bool or y.is_complex():
-        return TARGET_KINDS[-1]
-    return next(kind for kind in TARGET_KINDS if kind.matches(y))
+def kind_of(y: Tensor | MixedTarget) -> Any:
+    """The entry of :data:`TARGET_KINDS` that ``y`` is (a pair is the kind of its labels):
+    float of any shape, integer ``(B,)`` labels, integer ``(B, d1, ...)`` maps, or neither.
+
+    Example:
+        >>> kind_of(torch.zeros(2, 3)).name, kind_of(torch.zeros(2, 3, dtype=torch.long)).name
+        ('float', 'maps')
+    """
+    if isinstance(y, MixedTarget):
+        y = y.y_a
+    if y.is_floating_point():
+        return FLOAT
+    if y.dtype == torch.bool or y.is_complex() or y.ndim == 0:
+        return UNSUPPORTED
+    return LABELS if y.ndim == 1 else MAPS
 
 
 class TargetMixer:
@@ -264,7 +249,8 @@ class TargetMixer:
 
     Example:
         >>> mixer = TargetMixer("soft", num_classes=3)
-        >>> mixer.mix(torch.tensor([0, 2]), torch.tensor(0.25), torch.tensor([1, 0]))
+        >>> partner = lambda t: t[torch.tensor([1, 0])]
+        >>> mixer.mix(torch.tensor([0, 2]), torch.tensor(0.25), partner, "blend")
         tensor([[0.2500, 0.0000, 0.7500],
                 [0.7500, 0.0000, 0.2500]])
     """
@@ -276,59 +262,57 @@ class TargetMixer:
         self._eye: Tensor | None = None
 
     def mix(
-        self,
-        y: Tensor,
-        lam: Tensor,
-        index: Tensor,
-        partner: Tensor | None = None,
-        box: Box | None = None,
-        pastes: bool = False,
+        self, y: Tensor, lam: Tensor, partner: Partner, rule: TargetRule, box: Box | None = None
     ) -> Any:
-        """Mixed targets; ``lam`` is a float tensor of shape ``()`` or ``(B,)``; ``partner``
-        holds the partner rows when they come from other ranks. ``pastes``: a CutMix batch,
-        whose ``box`` is given once placed (``lam`` is then its kept area); a box placed later
-        at a hidden layer gets the targets rewritten by :meth:`correct`."""
+        """Targets mixed by ``rule`` (the policy's): ``lam`` is a float tensor of shape ``()``
+        or ``(B,)``, ``partner`` gives the partner rows of a tensor. ``"paste"``: a CutMix
+        batch, whose ``box`` is given once placed (``lam`` is then its kept area); a box placed
+        later at a hidden layer gets the targets rewritten by :meth:`correct`. ``"keep"``: the
+        targets as they are."""
+        if rule == "keep":
+            return y
         kind = kind_of(y)
-        if pastes:
-            return kind.cut(self, y, lam, index, box)
-        return kind.blend(self, y, lam, index, partner)
+        if rule == "paste":
+            return kind.cut(self, y, lam, partner, box)
+        return kind.blend(self, y, lam, partner)
 
-    def soft(self, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None) -> Tensor:
+    def soft(self, y: Tensor, lam: Tensor, partner: Partner) -> Tensor:
         """Soft targets ``(B, num_classes)`` of int64 labels ``(B,)``, range checked once."""
         num_classes = self._classes()
-        # Partner labels come from other ranks, whose own check runs only after this one.
-        labels = y if partner is None else torch.cat([y, partner])
         if not self.checked:
             self.checked = True
-            check_label_range(labels, num_classes)
+            # With the partners' labels: under global pairing they are other ranks' rows, and
+            # every rank must fail together, not one of them inside a collective.
+            check_labels(torch.cat([y, partner(y)]), num_classes)
         try:
-            return self._soft(y, lam, index, partner, num_classes)
+            if num_classes <= _EYE_MAX_CLASSES:
+                # One-hot rows from a cached identity and one mix: the values of one_hot_pair
+                # bit for bit (one term is 0 wherever the labels differ, addition commutes).
+                eye = self._eye
+                if eye is None or eye.shape[0] != num_classes or eye.device != y.device:
+                    eye = self._eye = torch.eye(num_classes, dtype=torch.float32, device=y.device)
+                rows = eye.index_select(0, y)
+                return mix_with_partner(rows, partner(rows), lam, overwrite_partner=True)
+            return one_hot_pair(y, partner(y), lam_tensor(lam, y.device), num_classes)
         except (RuntimeError, IndexError):
-            check_label_range(labels, num_classes)
+            check_labels(y, num_classes)
             raise
 
-    def _soft(
-        self, y: Tensor, lam: Tensor, index: Tensor, partner: Tensor | None, classes: int
-    ) -> Tensor:
-        if partner is None and classes <= _EYE_MAX_CLASSES:
-            # One-hot rows from a cached identity and one mix: the values of one_hot_pair
-            # bit for bit (one term is 0 wherever the labels differ, addition commutes).
-            if self._eye is None or self._eye.shape[0] != classes or self._eye.device != y.device:
-                self._eye = torch.eye(classes, dtype=torch.float32, device=y.device)
-            return mix_tensor(self._eye.index_select(0, y), lam, index)
-        if partner is None:
-            partner = y.index_select(0, index.to(y.device))
-        return one_hot_pair(y, partner, lam_tensor(lam, y.device), classes)
-
     def correct(
-        self, target: Any, original: Tensor, lam: Tensor, index: Tensor, box: Box | None = None
+        self,
+        target: Any,
+        original: Tensor,
+        lam: Tensor,
+        partner: Partner,
+        rule: TargetRule,
+        box: Box | None = None,
     ) -> None:
-        """Rewrite ``target`` in place for a lam fixed later (CutMix's kept area at a hidden
-        layer): training_step holds this very object."""
+        """Rewrite ``target`` in place for a lam fixed later (a box placed at a hidden layer):
+        training_step holds this very object."""
         if isinstance(target, MixedTarget):
             target.lam.copy_(lam)
-        elif isinstance(target, Tensor):
-            target.copy_(self.mix(original, lam, index, box=box, pastes=box is not None))
+        elif isinstance(target, Tensor) and rule != "keep":
+            target.copy_(self.mix(original, lam, partner, rule, box))
 
     def _classes(self) -> int:
         if self.num_classes is None:
@@ -344,10 +328,33 @@ class TargetMixer:
 _EYE_MAX_CLASSES = 1024
 
 
-def check_label_range(labels: Tensor, num_classes: int) -> None:
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int | None = None) -> None:
+    """Integer labels lie in ``[0, num_classes)`` (or equal ``ignore_index``): one host read.
+
+    The error names the values found and the fix: ``num_classes`` or the dataset for class
+    labels, the logits' classes or ``mixup_ignore_index`` for class maps.
+
+    Example:
+        >>> check_labels(torch.tensor([[0, 2, -100]]), 3, -100)
+        >>> check_labels(torch.tensor([[0, 3]]), 3, -100)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: labels must lie in [0, 3) or equal ignore_index=-100; found 3 ...
+    """
+    bad = (labels < 0) | (labels >= num_classes)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    if not bool(bad.any()):
+        return
+    if ignore_index is None:
         raise ValueError(
-            f"labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]. "
-            "Fix num_classes or the dataset's labels."
+            f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, "
+            f"{int(labels.max())}]. Fix num_classes or the dataset's labels."
         )
+    values = torch.unique(labels[bad])[:5].tolist()
+    raise ValueError(
+        f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+        f"found {', '.join(map(str, values))} ({int(bad.sum())} entries). Fix the "
+        f"dataset's labels, the number of classes on the class axis of the logits "
+        f"({num_classes}), or mixup_ignore_index on the LightningModule"
+    )

@@ -1,14 +1,16 @@
-"""The package's module graph: acyclic, layered as docs/design.md draws it, small modules."""
+"""The package's module graph: acyclic, layered as docs/design.md draws it, one concern each."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightning_manifold_mixup"
+DESIGN = ROOT / "docs" / "design.md"
 
 # What each module may import of the package (docs/design.md). The plain-torch layers first.
 ALLOWED: dict[str, set[str]] = {
@@ -17,18 +19,21 @@ ALLOWED: dict[str, set[str]] = {
     "layers": set(),
     "layout": {"layers"},
     "policies": {"draw", "layout"},
+    "nfm": {"draw", "policies"},
+    "mixstyle": {"draw", "layout", "policies"},
+    "patchup": {"draw", "policies"},
     "targets": {"draw", "policies"},
     "losses": {"targets"},
     "mixing": {"draw", "layout", "policies", "targets"},
-    "config": {"_lightning", "draw"},
+    "config": {"_lightning", "draw", "mixstyle", "nfm", "patchup", "policies"},
     "schedule": {"_lightning", "config"},
     "stream": {"_lightning", "draw"},
     "record": {"_lightning"},
     "hooks": {"_lightning", "layout"},
     "hf": {"_lightning", "layers", "layout", "targets"},
     "mixin": {"_lightning", "losses", "targets"},
-    "batch": {"_lightning", "hf", "layout", "mixin", "policies"},
-    "pairing": {"_lightning", "draw", "layout", "policies"},
+    "batch": {"_lightning", "draw", "hf", "layout", "mixin"},
+    "pairing": {"_lightning", "policies"},
     "callback": {
         "_lightning",
         "batch",
@@ -48,7 +53,18 @@ ALLOWED: dict[str, set[str]] = {
     },
 }
 # Modules that must run without Lightning installed (the math, usable in any training loop).
-PURE = {"draw", "layers", "layout", "policies", "targets", "losses", "mixing"}
+PURE = {
+    "draw",
+    "layers",
+    "layout",
+    "policies",
+    "nfm",
+    "mixstyle",
+    "patchup",
+    "targets",
+    "losses",
+    "mixing",
+}
 
 
 def _imports(path: Path) -> tuple[set[str], set[str]]:
@@ -125,10 +141,29 @@ def test_the_math_modules_import_no_lightning(module: str) -> None:
     assert not other & {"lightning", "pytorch_lightning", "lightning_fabric"}
 
 
-def test_no_package_module_is_over_400_lines() -> None:
-    sizes = {p.name: len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
-    assert max(sizes.values()) > 100  # the measure sees real modules
-    assert {name: n for name, n in sizes.items() if n > 400} == {}
+def _design_table() -> dict[str, tuple[str, set[str]]]:
+    """docs/design.md's module table: module -> (what it owns, what it may import)."""
+    rows = {}
+    for line in DESIGN.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.fullmatch(r"`\w+`", cells[0]):
+            imports = set(re.findall(r"`(\w+)`", cells[2]))
+            rows[cells[0].strip("`")] = (cells[1], imports)
+    return rows
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_each_module_docstring_names_the_one_concern_it_owns(module: str) -> None:
+    doc = ast.get_docstring(ast.parse((PACKAGE / f"{module}.py").read_text())) or ""
+    assert doc.startswith("Owns "), f"{module}.py: its docstring must start with 'Owns <concern>'"
+
+
+def test_the_design_table_lists_each_module_with_its_concern_and_imports() -> None:
+    table = _design_table()
+    assert set(table) == set(ALLOWED), "docs/design.md's table must list exactly the modules"
+    for module, (owns, imports) in table.items():
+        assert owns, module
+        assert imports == ALLOWED[module], module
 
 
 def test_the_core_package_does_not_import_the_recipes() -> None:

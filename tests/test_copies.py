@@ -295,7 +295,7 @@ class Images(ManifoldMixupMixin, L.LightningModule):
                 "x": batch[0],
                 "maps": maps,
                 "mixed_maps": cb.mix_like(maps),
-                "box": cb._batch.box,
+                "box": cb.current.box,
             }
         )
         return loss

@@ -289,7 +289,7 @@ def test_cutmix_pastes_the_partners_mask_in_the_same_box(layer: str, grid: int) 
 
     class Drawn(L.Callback):  # the drawn lam that sets the box's area, listed after mixup
         def on_train_batch_start(self, trainer: Any, pl_module: Any, b: Any, i: int) -> None:
-            drawn.append(cb._batch.policy.area_lam)
+            drawn.append(cb.current.policy.area_lam)
 
     raw, cb = Raw(), ManifoldMixupCallback(layers=[layer], cutmix_prob=1.0, seed=5)
     rec = DecisionRecorder(cb)

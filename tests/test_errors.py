@@ -100,8 +100,9 @@ def test_numpy_scalars_are_numbers() -> None:
         seed=np.int64(7),
         layer_weights=[np.float32(1.0), 2],
     )
-    assert (cb.alpha, cb.num_classes, cb.warmup_steps, cb.stop_epoch) == (0.5, 3, 2, 4)
-    assert type(cb.num_classes) is int and type(cb.seed) is int and cb.fixed_lam == 0.25
+    c = cb.config
+    assert (c.alpha, c.num_classes, c.warmup_steps, c.stop_epoch) == (0.5, 3, 2, 4)
+    assert type(c.num_classes) is int and type(c.seed) is int and c.fixed_lam == 0.25
 
 
 def test_constructor_reports_every_problem_at_once() -> None:
@@ -115,10 +116,11 @@ def test_constructor_reports_every_problem_at_once() -> None:
     ("kwargs", "message"),
     [
         ({"pairing": "world"}, r"pairing must be 'local' or 'global', got 'world'"),
-        ({"pairing": "global", "cutmix_prob": 0.5}, r"pairing='global' does not support CutMix"),
+        ({"policy": "mixup"}, r"policy must be one of 'blend', 'nfm', .* got 'mixup'"),
+        ({"policy": "patchup-soft", "lam_mode": "sample"}, r"patchup-soft' needs lam_mode"),
     ],
 )
-def test_constructor_rejects_bad_pairing(kwargs: dict[str, Any], message: str) -> None:
+def test_constructor_rejects_bad_pairing_and_policy(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(MisconfigurationException, match=message):
         ManifoldMixupCallback(**kwargs)
 

@@ -1,10 +1,9 @@
 """Shortcuts of the mixing code give the values of the general form, bit for bit.
 
 Soft targets are rows of a cached identity matrix mixed like a hidden batch (not a scatter),
-a layer known to be batch-major skips the nested-output walk, large CPU row permutations take a
-gather backward, half-precision mixes take their gradients in float32, and a Python-number lam
-is a float32 tensor. Each must equal the general form exactly, so a run's numbers do not depend
-on which form ran.
+a layer known to be batch-major skips the nested-output walk, half-precision mixes take their
+gradients in float32, and a Python-number lam is a float32 tensor. Each must equal the general
+form exactly, so a run's numbers do not depend on which form ran.
 """
 
 from __future__ import annotations
@@ -16,11 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import MLPClassifier, make_loader, quiet_trainer
+from lightning_manifold_mixup import ManifoldMixupCallback
+from lightning_manifold_mixup.layout import map_batch
 from lightning_manifold_mixup.mixing import (
+    Box,
     MixDecision,
     is_batch_major,
-    mix_batch,
-    mix_tensor,
     mix_with_partner,
     one_hot_pair,
     permute_rows,
@@ -69,7 +70,7 @@ def test_identity_soft_targets_equal_the_scatter_form_bit_for_bit(num_classes: i
     mixer = TargetMixer("soft", num_classes)
     for value in LAMS + [float(v) for v in torch.rand(50, generator=g)]:
         lam32 = torch.tensor(value, dtype=torch.float32)
-        got = mixer.mix(y, float(lam32), index)
+        got = mixer.mix(y, lam32, lambda t: t[index], "blend")
         assert torch.equal(got, one_hot_pair(y, y[index], lam32, num_classes)), value
         eye = torch.eye(num_classes)
         torch.testing.assert_close(got, lam32 * eye[y] + (1 - lam32) * eye[y[index]])
@@ -79,10 +80,10 @@ def test_identity_soft_targets_refuse_out_of_range_labels_with_the_fix() -> None
     mixer = TargetMixer("soft", 4)
     mixer.checked = True  # a later batch: the range is not read on the host again
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\).*Fix num_classes"):
-        mixer.mix(torch.tensor([0, 4]), 0.5, torch.tensor([1, 0]))
+        mixer.mix(torch.tensor([0, 4]), torch.tensor(0.5), lambda t: t.flip(0), "blend")
 
 
-@pytest.mark.parametrize("shape", [(7, 3, 2), (7, 48, 64)])  # below and above the gather size
+@pytest.mark.parametrize("shape", [(7, 3, 2), (7, 48, 64)])
 def test_permute_rows_matches_indexing_in_value_and_gradient(shape: tuple[int, ...]) -> None:
     h = torch.randn(*shape, requires_grad=True)
     index = torch.randperm(shape[0])
@@ -94,13 +95,7 @@ def test_permute_rows_matches_indexing_in_value_and_gradient(shape: tuple[int, .
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
 
 
-def test_batch_major_tensor_outputs_skip_the_walk_with_the_same_values() -> None:
-    h = torch.randn(4, 3)
-    index = torch.tensor([2, 0, 3, 1])
-    fast, count = mix_batch(
-        h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3), batch_major=True
-    )
-    assert count == 1 and torch.equal(fast, mix_tensor(h, torch.tensor(0.25), index))
+def test_only_modules_with_batch_major_outputs_are_batch_major() -> None:
     # a module whose outputs are time-major is never treated as batch-major
     assert not is_batch_major(nn.TransformerEncoderLayer(4, 2))
     assert not is_batch_major(nn.LSTM(3, 3, batch_first=True))  # (output, state) layouts
@@ -109,33 +104,24 @@ def test_batch_major_tensor_outputs_skip_the_walk_with_the_same_values() -> None
 
 
 def test_batch_major_tensor_output_is_mixed_without_the_walk(monkeypatch: Any) -> None:
-    import lightning_manifold_mixup.policies as policies
+    import lightning_manifold_mixup.callback as callback
 
     def no_walk(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("map_batch walked a batch-major tensor output")
 
-    monkeypatch.setattr(policies, "map_batch", no_walk)
-    h, index = torch.randn(4, 3), torch.tensor([2, 0, 3, 1])
-    out, count = mix_batch(
-        h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3), batch_major=True
-    )
-    assert count == 1 and torch.equal(out, 0.25 * h + 0.75 * h[index])
-    with pytest.raises(AssertionError, match="walked"):  # an undeclared module takes the walk
-        mix_batch(h, 0.25, index, 4, where="layer 'l'", module=nn.Linear(3, 3))
+    monkeypatch.setattr(callback, "map_batch", no_walk)
+    cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0, log=False)
+    quiet_trainer(max_steps=4, callbacks=[cb]).fit(MLPClassifier(), make_loader())
+    assert sum(cb.summary["layers"].values()) == 4
+    with pytest.raises(AssertionError, match="walked"):  # the input takes the walk
+        cb = ManifoldMixupCallback(layers=["input"], seed=0, log=False)
+        quiet_trainer(max_steps=1, callbacks=[cb]).fit(MLPClassifier(), make_loader())
 
 
-def test_batch_major_flag_keeps_the_layer_error_for_unmixable_outputs() -> None:
+def test_the_walk_keeps_the_layer_error_for_unmixable_outputs() -> None:
     ids = torch.zeros(4, 3, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"layer 'emb' returned a torch\.int64 tensor"):
-        mix_batch(
-            ids,
-            0.5,
-            torch.arange(4),
-            4,
-            where="layer 'emb'",
-            module=nn.Identity(),
-            batch_major=True,
-        )
+        map_batch(ids, lambda t: t, 4, where="layer 'emb'", module=nn.Identity())
 
 
 def test_decision_lam_is_one_float32_tensor_and_a_fixed_lam_is_a_new_decision() -> None:
@@ -143,9 +129,10 @@ def test_decision_lam_is_one_float32_tensor_and_a_fixed_lam_is_a_new_decision() 
     decision = MixDecision("net.1", 0, torch.arange(4), (0.5, 0.5), host_lam=host, device=CPU)
     assert decision.lam.dtype == torch.float32 and decision.lam.shape == ()
     assert float(decision.lam) == 0.25
-    fixed = decision.with_lam(0.75)  # CutMix's kept area, known once the box is placed
+    box = Box(0, 2, 0, 2, 4, 4)
+    fixed = decision.with_box(box, 0.75, None)  # CutMix's kept area, known once placed
     assert float(fixed.lam) == 0.75 and float(decision.lam) == 0.25
-    assert fixed.layer == decision.layer and fixed.index is decision.index
+    assert fixed.layer == decision.layer and fixed.index is decision.index and fixed.box == box
     per_row = MixDecision(
         "net.1", 0, torch.arange(4), host_lam=np.full(4, 0.5, np.float32), device=CPU
     )

@@ -147,7 +147,7 @@ class ConvNet(ManifoldMixupMixin, L.LightningModule):
         handle.remove()
         # A box placed in the forward fixes lam: the decision is replaced by one with the
         # kept area; the policy keeps the drawn lam that set the box's size.
-        drawn = cb._batch.policy.area_lam
+        drawn = cb.current.policy.area_lam
         record = {"d": cb.current, "x": x, "y": y, "h": h, "seen": seen[0], "drawn_lam": drawn}
         self.records.append(record)
         return self.mixup_loss(logits, y)
