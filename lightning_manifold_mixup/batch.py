@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.draw import MixDecision
 from lightning_manifold_mixup.hf import check_input_mixable
-from lightning_manifold_mixup.layout import batch_size_of, map_batch
+from lightning_manifold_mixup.layout import batch_size_of, describe, map_batch
 from lightning_manifold_mixup.mixin import ManifoldMixupMixin
+from lightning_manifold_mixup.policies import mix_with_partner
+from lightning_manifold_mixup.targets import TargetMixer
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
@@ -89,21 +90,90 @@ def check_input(x: Any, rows: int, input_key: int | str) -> None:
     map_batch(x, lambda t: t, rows, where=f"the input at input_key={input_key!r}")
 
 
-@dataclasses.dataclass
 class InFlight:
     """The training batch between its start and its end: everything later hooks need of it.
 
     ``decision`` is what the batch mixes (None: not mixed; ``callback.current``), with the
     batch's policy and, once placed, its box. ``in_step`` and ``in_backward`` are the mixing
     window: forwards are mixed inside ``training_step`` and during its backward only.
+    ``pairing`` finds the partner rows (:meth:`partner`).
     """
 
-    original: Tensor  # the target as the batch brought it
-    rows: int  # local batch size
-    clean_input: Any = None  # the input as the batch brought it (before input mixup)
-    decision: MixDecision | None = None
-    target: Any = None  # the mixed target handed to training_step
-    record: tuple[int, float] | None = None  # (layer position, lam) to count at the end
-    mask_length: int | None = None  # length of the attention mask replaced by the union
-    in_step: bool = True
-    in_backward: bool = False
+    def __init__(self, original: Tensor, rows: int, pairing: Any, clean_input: Any) -> None:
+        self.original = original  # the target as the batch brought it
+        self.rows = rows  # local batch size
+        self.pairing = pairing
+        self.clean_input = clean_input  # the input as the batch brought it
+        self.decision: MixDecision | None = None
+        self.target: Any = None  # the mixed target handed to training_step
+        self.record: tuple[int, float] | None = None  # (layer position, lam) to count
+        self.mask_length: int | None = None  # length of the mask replaced by the union
+        self.in_step = True
+        self.in_backward = False
+
+    def partner(self, t: Tensor) -> Tensor:
+        """The partner rows of ``t`` ``(B, ...)`` under the batch's decision."""
+        assert self.decision is not None
+        partner: Tensor = self.pairing.partner(t, self.decision.index)
+        return partner
+
+    def mix(self, obj: Any, module: nn.Module | None, where: str) -> tuple[Any, int]:
+        """Every batch tensor of ``obj`` (the input, ``module=None``, or a layer's output)
+        along its batch axis, combined with its partner rows by the batch's policy; the
+        result and how many tensors were mixed."""
+        decision = self.decision
+        assert decision is not None
+        combine, lam, partner = decision.policy.combine, decision.lam, self.partner
+        return map_batch(
+            obj, lambda h: combine(h, partner(h), lam), self.rows, where=where, module=module
+        )
+
+    def mix_input(self, x: Any, input_key: int | str) -> Any:
+        """The input mixed (an input with nothing to mix is refused with the way out)."""
+        mixed, count = self.mix(x, None, f"the input at input_key={input_key!r}")
+        if count == 0:
+            check_input(x, self.rows, input_key)
+        return mixed
+
+    def place_box(self, h: Any, where: str, targets: TargetMixer) -> MixDecision:
+        """Place the batch's box on ``h`` (the input, or the output of layer ``where``), which
+        fixes lam for the targets: the decision is replaced and, at a hidden layer, the targets
+        are rewritten in place (training_step holds them)."""
+        assert self.decision is not None
+        policy, box, lam = self.decision.policy.place(h, where)
+        decision = self.decision = self.decision.with_box(box, lam, policy)
+        if self.target is not None:
+            targets.correct(
+                self.target, self.original, decision.lam, self.partner, policy.targets, box
+            )
+        if self.record is not None:
+            self.record = (self.record[0], lam)
+        return decision
+
+    def mix_like(self, t: Tensor) -> Tensor:
+        """``t`` mixed as the batch's targets (see ``ManifoldMixupCallback.mix_like``)."""
+        decision = self.decision
+        if decision is None:
+            return t
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.ndim == 0:
+            raise ValueError(
+                f"ManifoldMixupCallback.mix_like needs a float tensor of {self.rows} rows (the "
+                f"batch's), got {describe(t)}."
+            )
+        if t.shape[0] != self.rows:
+            raise ValueError(
+                f"ManifoldMixupCallback.mix_like needs a float tensor of {self.rows} rows (the "
+                f"batch's), got {describe(t)}."
+            )
+        policy = decision.policy
+        if policy.targets == "keep":
+            return t
+        if policy.boxed and decision.box is None:
+            raise RuntimeError(
+                f"ManifoldMixupCallback.mix_like: this {type(policy).__name__} batch is boxed at "
+                f"layer {decision.layer!r}, whose box is placed when it runs; call mix_like "
+                "after the model's forward."
+            )
+        if policy.targets == "paste" and decision.box is not None and t.ndim >= 3:
+            return decision.box.paste(t, self.partner(t))
+        return mix_with_partner(t, self.partner(t), decision.lam, overwrite_partner=True)

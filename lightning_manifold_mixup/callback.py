@@ -3,7 +3,6 @@ batch (config, stream, draw, policies, targets, pairing, hooks, record; see docs
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,11 +20,11 @@ from lightning_manifold_mixup.config import (
     TargetMode,
     layer_weight_array,
 )
-from lightning_manifold_mixup.draw import Draw, LamMode, MixDecision
+from lightning_manifold_mixup.draw import LamMode, MixDecision
 from lightning_manifold_mixup.hf import MaskUnion, guard_hf_labels
 from lightning_manifold_mixup.hooks import HookSet, no_float_output
 from lightning_manifold_mixup.layers import INPUT, candidate_layers, named_layers, resolve_layers
-from lightning_manifold_mixup.layout import describe, is_batch_major, map_batch
+from lightning_manifold_mixup.layout import is_batch_major
 from lightning_manifold_mixup.mixin import (
     builds_layers_later,
     check_module,
@@ -33,7 +32,7 @@ from lightning_manifold_mixup.mixin import (
     find_num_classes,
 )
 from lightning_manifold_mixup.pairing import LocalPairing, make_pairing
-from lightning_manifold_mixup.policies import Blend, CutMix, MixPolicy, mix_with_partner
+from lightning_manifold_mixup.policies import Blend, MixPolicy, batch_policy
 from lightning_manifold_mixup.record import MixRecord, step_completes
 from lightning_manifold_mixup.schedule import alpha_at, check_run_length
 from lightning_manifold_mixup.stream import DecisionStream, warn_restarted_loader
@@ -199,34 +198,7 @@ class ManifoldMixupCallback(CallbackBase):
                 teacher_logits = self.teacher(mixup.clean_input)
             soft = mixup.mix_like(teacher_logits.softmax(-1))
         """
-        batch = self._batch
-        decision = None if batch is None else batch.decision
-        if decision is None or batch is None:
-            return t
-        rows = batch.rows
-        if (
-            not isinstance(t, Tensor)
-            or not t.is_floating_point()
-            or t.ndim == 0
-            or (t.shape[0] != rows)
-        ):
-            raise ValueError(
-                f"ManifoldMixupCallback.mix_like needs a float tensor of {rows} rows (the "
-                f"batch's), got {describe(t)}."
-            )
-        policy = decision.policy
-        if policy.targets == "keep":
-            return t
-        if policy.boxed and decision.box is None:
-            raise RuntimeError(
-                f"ManifoldMixupCallback.mix_like: this {type(policy).__name__} batch is boxed at "
-                f"layer {decision.layer!r}, whose box is placed when it runs; call mix_like "
-                "after the model's forward."
-            )
-        partner = self._pairing.partner(t, decision.index)
-        if policy.targets == "paste" and decision.box is not None and t.ndim >= 3:
-            return decision.box.paste(t, partner)
-        return mix_with_partner(t, partner, decision.lam, overwrite_partner=True)
+        return t if self._batch is None else self._batch.mix_like(t)
 
     @property
     def mixup_batch_keys(self) -> tuple[int | str, int | str]:
@@ -301,32 +273,24 @@ class ManifoldMixupCallback(CallbackBase):
         alpha = self.alpha_at(trainer)
         rng = self._stream.next(self._pairing.stream_key)
         x, y, rows = input_and_target(batch, config.input_key, config.target_key)
-        flight = self._batch = InFlight(original=y, rows=rows, clean_input=x)
+        flight = self._batch = InFlight(y, rows, self._pairing, clean_input=x)
         self._hooks.arm(flight)
         if self._hooks.probe is not None and INPUT in self.eligible:
             check_input(x, rows, config.input_key)
         total, mine = self._pairing.draw_rows(rows, y.device)
         draw = config.sample(rng, alpha, total, mine, len(self.eligible), self._weights)
-        started: tuple[MixPolicy, Draw] | None = None
-        if draw is not None:
-            # CutMix batches paste whatever the policy; the others are the policy's, which may
-            # draw numbers of its own after the common ones (or leave the batch alone).
-            if draw.cutmix:
-                started = CutMix(float(draw.lam), draw.box_center), draw
-            else:
-                started = self._policy.start(rng, draw, total, mine)
-        if draw is None or started is None:
+        started = None if draw is None else batch_policy(self._policy, rng, draw, total, mine)
+        if started is None:
             self._record.add_unmixed()
             return
         policy, draw = started
         decision = flight.decision = MixDecision.of(draw, self.eligible, y.device, policy)
         if decision.layer == INPUT and policy.boxed:
-            decision = self._place_box(x, INPUT)  # lam (the kept area) is final for the targets
-        partner = functools.partial(self._pairing.partner, index=decision.index)
-        target = self._targets.mix(y, decision.lam, partner, policy.targets, decision.box)
-        flight.mask_length = self._masks.apply(batch, x, partner)
+            decision = flight.place_box(x, INPUT, self._targets)  # lam final for the targets
+        target = self._targets.mix(y, decision.lam, flight.partner, policy.targets, decision.box)
+        flight.mask_length = self._masks.apply(batch, x, flight.partner)
         if decision.layer == INPUT:
-            set_entry(batch, config.input_key, self._mix(x, decision, None), pl_module)
+            set_entry(batch, config.input_key, flight.mix_input(x, config.input_key), pl_module)
         set_entry(batch, config.target_key, target, pl_module)
         flight.target = target
         # Host numbers (the kept area of an input box): counting and logging never read the device.
@@ -340,7 +304,7 @@ class ManifoldMixupCallback(CallbackBase):
             # Every forward of the step has run; with manual optimization more may follow
             # an earlier manual_backward, so the checks wait for the batch's end there.
             self._hooks.finish_probe()
-            self._check_chosen_ran()
+            self._hooks.check_chosen_ran(self._batch)
         if self._batch is not None:
             self._batch.in_backward = True
 
@@ -367,7 +331,7 @@ class ManifoldMixupCallback(CallbackBase):
             ran = outputs is not None and not (isinstance(outputs, Mapping) and not outputs)
             if ran or not self._automatic:
                 self._hooks.finish_probe()
-                self._check_chosen_ran()
+                self._hooks.check_chosen_ran(self._batch)
         finally:
             self._end_batch()
 
@@ -416,7 +380,7 @@ class ManifoldMixupCallback(CallbackBase):
             if hooks.calls == 2:
                 hooks.warn_repeated({name: 2})
         if decision.policy.boxed and decision.box is None:
-            decision = self._place_box(output, name)
+            decision = batch.place_box(output, name, self._targets)
         if (
             self._batch_major[name]
             and isinstance(output, Tensor)
@@ -427,60 +391,10 @@ class ManifoldMixupCallback(CallbackBase):
             # A batch-major tensor, the common case: the policy's formula is the next call.
             partner = self._pairing.partner(output, decision.index)
             return decision.policy.combine(output, partner, decision.lam)
-        return self._mix(output, decision, module, name)
-
-    def _mix(
-        self, obj: Any, decision: MixDecision, module: nn.Module | None, name: str = INPUT
-    ) -> Any:
-        """Every batch tensor of ``obj`` (the input, or a layer's output) along its batch axis,
-        combined with its partner rows by the batch's policy."""
-        batch = self._batch
-        assert batch is not None
-        combine, partner, index = decision.policy.combine, self._pairing.partner, decision.index
-        where = (
-            f"the input at input_key={self.config.input_key!r}"
-            if module is None
-            else (f"layer {name!r}")
-        )
-        mixed, count = map_batch(
-            obj,
-            lambda h: combine(h, partner(h, index), decision.lam),
-            batch.rows,
-            where=where,
-            module=module,
-        )
+        mixed, count = batch.mix(output, module, f"layer {name!r}")
         if count == 0:
-            if module is None:
-                check_input(obj, batch.rows, self.config.input_key)
-            raise ValueError(no_float_output(name, obj, batch.rows))
+            raise ValueError(no_float_output(name, output, batch.rows))
         return mixed
-
-    def _place_box(self, h: Any, where: str) -> MixDecision:
-        """Place the batch's box on ``h`` (the input, or the output of layer ``where``), which
-        fixes lam for the targets: the decision is replaced and, at a hidden layer, the targets
-        are rewritten in place (training_step holds them)."""
-        batch = self._batch
-        assert batch is not None and batch.decision is not None
-        policy, box, lam = batch.decision.policy.place(h, where)
-        decision = batch.decision = batch.decision.with_box(box, lam, policy)
-        if batch.target is not None:
-            partner = functools.partial(self._pairing.partner, index=decision.index)
-            self._targets.correct(
-                batch.target, batch.original, decision.lam, partner, policy.targets, box
-            )
-        if batch.record is not None:
-            batch.record = (batch.record[0], lam)
-        return decision
-
-    def _check_chosen_ran(self) -> None:
-        decision = self.current
-        try:
-            self._hooks.check_chosen_ran(
-                None if decision is None or decision.layer == INPUT else decision.layer
-            )
-        except RuntimeError:
-            self.current = None
-            raise
 
     def _end_batch(self) -> None:
         self._batch = None
@@ -491,19 +405,12 @@ class ManifoldMixupCallback(CallbackBase):
         hooked = {name: modules[name] for name in self.eligible if name != INPUT}
         self._batch_major = {name: is_batch_major(module) for name, module in hooked.items()}
         self._hooks.install(trainer, hooked, self._on_output)
-        guard_hf_labels(pl_module, self._hooks.add, self._targets_in_flight, self.config.target_key)
+        guard_hf_labels(pl_module, self._hooks.add, self._in_flight, self.config.target_key)
         self._masks = MaskUnion(self.config.attention_mask_key)
-        self._masks.watch(self._hooks.add, modules, self.eligible, self._mask_in_flight)
+        self._masks.watch(self._hooks.add, modules, self.eligible, self._in_flight)
 
-    def _targets_in_flight(self) -> tuple[Any, Any]:
-        batch = self._batch
-        return (None, None) if batch is None else (batch.original, batch.target)
-
-    def _mask_in_flight(self) -> tuple[str, int] | None:
-        batch = self._batch
-        if batch is None or batch.decision is None or batch.mask_length is None:
-            return None
-        return batch.decision.layer, batch.mask_length
+    def _in_flight(self) -> InFlight | None:
+        return self._batch
 
     def _remove_hooks(self) -> None:
         self._hooks.remove()

@@ -31,9 +31,9 @@ from lightning_manifold_mixup.layers import is_hf_model
 from lightning_manifold_mixup.layout import describe, tensors
 from lightning_manifold_mixup.targets import MixedTarget
 
-# What the callback has in flight for the current training batch: the batch's own target
-# (before mixing) and the mixed target that replaced it (None when the batch is not mixed).
-TargetsInFlight = Callable[[], tuple[Any, Any]]
+# The training batch in flight (the callback's InFlight: ``original``, the batch's own target;
+# ``target``, the mixed one that replaced it; ``decision``; ``mask_length``), or None.
+InFlight = Callable[[], Any]
 # Registers a forward hook (a pre-hook with kwargs when pre=True) for the fit: HookSet.add.
 AddHook = Callable[..., None]
 
@@ -63,7 +63,7 @@ def _fix_message(name: str, module: nn.Module, target_key: int | str, found: str
 
 
 def guard_hf_labels(
-    model: nn.Module, add: AddHook, in_flight: TargetsInFlight, target_key: int | str
+    model: nn.Module, add: AddHook, in_flight: InFlight, target_key: int | str
 ) -> None:
     """Hooks that stop a Hugging Face model from computing its loss on the training targets.
 
@@ -79,8 +79,8 @@ def guard_hf_labels(
     Args:
         model: searched with ``named_modules()`` (a LightningModule).
         add: registers a hook, ``add(module, fn, pre=...)`` (:meth:`HookSet.add`).
-        in_flight: returns ``(original, mixed)`` for the training batch in flight, both None
-            outside training batches (validation is never checked).
+        in_flight: returns the training batch in flight (its ``original`` and mixed
+            ``target``), None outside training batches (validation is never checked).
         target_key: where the targets sit in the batch, for the message.
     """
     for name, module in model.named_modules():
@@ -89,15 +89,16 @@ def guard_hf_labels(
 
 
 def _guard_one(
-    name: str, module: nn.Module, add: AddHook, in_flight: TargetsInFlight, target_key: int | str
+    name: str, module: nn.Module, add: AddHook, in_flight: InFlight, target_key: int | str
 ) -> None:
     before: list[Any] = []
 
     def pre_hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        original, mixed = in_flight()
+        flight = in_flight()
         before[:] = [_config(mod).problem_type]
-        if original is None:
+        if flight is None:
             return
+        original, mixed = flight.original, flight.target
         labels = _is_class_labels(original)
         for value in (*args, *kwargs.values()):
             if isinstance(value, MixedTarget):
@@ -107,8 +108,8 @@ def _guard_one(
                 raise RuntimeError(_fix_message(name, mod, target_key, found))
 
     def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        original, _ = in_flight()
-        if not before or original is None or not _is_class_labels(original):
+        flight = in_flight()
+        if not before or flight is None or not _is_class_labels(flight.original):
             return
         old, new = before[0], _config(mod).problem_type
         if new != old and new != "single_label_classification":
@@ -200,24 +201,25 @@ class MaskUnion:
         add: AddHook,
         modules: Mapping[str, nn.Module],
         names: Sequence[str],
-        in_flight: Callable[[], tuple[str, int] | None],
+        in_flight: InFlight,
     ) -> None:
         """Forward hooks on the layers ``names`` that check the mixed output's token dimension.
 
-        ``in_flight`` returns the layer the batch in flight is mixed at and the length of the
-        mask replaced by the union (None when no such mix is in flight), so other batches are
-        never checked. Registered only when the union is on and ``modules`` hold a Hugging Face
-        model (:func:`is_hf_model`), so other models carry no extra hook.
+        ``in_flight`` returns the batch in flight (its ``decision`` and the ``mask_length`` of
+        the mask replaced by the union), so batches without such a mix are never checked.
+        Registered only when the union is on and ``modules`` hold a Hugging Face model
+        (:func:`is_hf_model`), so other models carry no extra hook.
         """
         if self.key is None or not any(is_hf_model(m) for m in modules.values()):
             return
 
         def checker(name: str) -> Callable[[nn.Module, Any, Any], None]:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
-                pending = in_flight()
-                if pending is None or pending[0] != name or name in self._warned:
+                flight = in_flight()
+                if flight is None or flight.mask_length is None or name in self._warned:
                     return
-                self._check(name, output, pending[1])
+                if flight.decision is not None and flight.decision.layer == name:
+                    self._check(name, output, flight.mask_length)
 
             return hook
 

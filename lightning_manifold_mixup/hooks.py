@@ -165,9 +165,13 @@ class HookSet:
             )
         self.warn_repeated({name: runs for name, runs in probe.items() if runs > 1})
 
-    def check_chosen_ran(self, layer: str | None) -> None:
-        """``layer`` (hooked and chosen for the batch in flight) ran in this step."""
-        if layer is not None and self.calls == 0:
+    def check_chosen_ran(self, flight: Any) -> None:
+        """The layer chosen for the batch in flight (``flight.decision.layer``) ran in this
+        step; if not, the batch's decision is dropped and the error raised."""
+        decision = None if flight is None else flight.decision
+        layer = None if decision is None else decision.layer
+        if layer not in (None, "input") and self.calls == 0:
+            flight.decision = None
             raise RuntimeError(
                 f"ManifoldMixupCallback: layer {layer!r} was chosen but did not run "
                 "during this training step, so the targets were mixed and the features were "

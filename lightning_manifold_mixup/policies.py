@@ -243,3 +243,13 @@ class CutMix(MixPolicy):
     def combine(self, h: Tensor, partner: Tensor, lam: Tensor) -> Tensor:
         assert self.box is not None, "placed before it combines"
         return self.box.paste(h, partner)
+
+
+def batch_policy(
+    policy: MixPolicy, rng: np.random.Generator, draw: Draw, rows: int, mine: slice | None
+) -> tuple[MixPolicy, Draw] | None:
+    """The policy of a drawn batch: CutMix when the draw says so (whatever the configured
+    policy), else ``policy.start`` (which may draw numbers of its own or leave it unmixed)."""
+    if draw.cutmix:
+        return CutMix(float(draw.lam), draw.box_center), draw
+    return policy.start(rng, draw, rows, mine)

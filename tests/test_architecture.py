@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "hooks": {"_lightning", "layout"},
     "hf": {"_lightning", "layers", "layout", "targets"},
     "mixin": {"_lightning", "losses", "targets"},
-    "batch": {"_lightning", "draw", "hf", "layout", "mixin"},
+    "batch": {"_lightning", "draw", "hf", "layout", "mixin", "policies", "targets"},
     "pairing": {"_lightning", "policies"},
     "callback": {
         "_lightning",
