@@ -2,7 +2,7 @@
 
 For a hidden tensor h (requires grad) and a permutation index, the backward of
   indexing   lam * h + (1 - lam) * h[index]          (autograd's index backward: scatter-add)
-  package    mix_tensor(h, lam, index)               (gather backward, mix in place on the copy)
+  package    mix_tensor(h, lam, index)               (index_select, mix in place on the copy)
 is timed side by side after the same forward, with the gradient of a fixed upstream tensor.
 Prints the median time of each and the ratio indexing / package (> 1: the package is faster),
 and checks that both give the same output and gradient.
