@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeGuard, get_args
 
 import numpy as np
 
@@ -158,7 +158,7 @@ class MixupConfig:
         return record
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[float | np.number]:
     """A real number (Python or numpy scalar); booleans are not numbers here."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
         value, (bool, np.bool_)
@@ -215,8 +215,7 @@ def _problems(config: MixupConfig) -> list[str]:
             "or leave cutmix_alpha=None"
         )
     cutmix = args.get("cutmix_prob")
-    cutmix_ok = cutmix is not None and _number_problem("cutmix_prob", cutmix) is None
-    if cutmix_ok and cutmix > 0 and args.get("lam_mode") == "sample":  # type: ignore[operator]
+    if is_number(cutmix) and cutmix > 0 and args.get("lam_mode") == "sample":
         problems.append("cutmix_prob > 0 needs lam_mode='batch' (one box per batch)")
     if not isinstance(args.get("log", True), bool):
         problems.append(f"log must be True or False, got {args.get('log')!r}")

@@ -15,6 +15,7 @@ from conftest import MLPClassifier, make_loader, quiet_trainer
 from helpers import DecisionRecorder, Draw, StepRecorder, fake_trainer, mixup_of
 from lightning_manifold_mixup import (
     ManifoldMixupCallback,
+    ManifoldMixupMixin,
     MixedTarget,
     mix_targets,
     mix_tensor,
@@ -322,3 +323,91 @@ def test_targets_with_partner_equal_targets_with_index() -> None:
     torch.testing.assert_close(
         mix_targets_with_partner(y_float, y_float[index], lam), mix_targets(y_float, lam, index)
     )
+
+
+# ------------------------------------------------------------------ CutMix across ranks
+
+
+class BoxNet(ManifoldMixupMixin, L.LightningModule):
+    """A small CNN on (B, 1, 4, 4) images that saves, per step, its clean input, the clean
+    output of ``net.1``, what the next layer saw, the decision and the targets."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.num_classes = 3
+        self.out = out
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2, 2, 3, padding=1),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        )
+        self.rows: list[dict[str, Any]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        cb = mixup_of(self.trainer)
+        d, clean = cb.current, cb.clean_input
+        cb.current = None
+        with torch.no_grad():
+            h = self.net[1](self.net[0](clean))
+        cb.current = d
+        seen: list[torch.Tensor] = []
+        handle = self.net[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+        logits = self(batch[0])
+        handle.remove()
+        assert d is not None
+        self.rows.append(
+            {
+                "layer": d.layer,
+                "index": d.index.clone(),
+                "lam": float(cb.current.lam),  # type: ignore[union-attr]
+                "box": cb.current.box,  # type: ignore[union-attr]
+                "clean": clean.clone(),
+                "x": batch[0].detach().clone(),
+                "h": h,
+                "seen": seen[0],
+                "y": batch[1].detach().clone(),
+            }
+        )
+        return self.mixup_loss(logits, batch[1])
+
+    def on_train_end(self) -> None:
+        torch.save(self.rows, self.out / f"box{self.global_rank}.pt")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_cutmix_pastes_the_box_from_partners_on_every_rank(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 1, 4, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    mixup = ManifoldMixupCallback(
+        layers=["input", "net.1"], seed=SEED, pairing="global", cutmix_prob=1.0, log=False
+    )
+    trainer = quiet_trainer(
+        strategy="ddp_spawn", devices=WORLD, max_steps=8, callbacks=[mixup], limit_val_batches=0
+    )
+    trainer.fit(BoxNet(tmp_path), loader)
+    ranks = [torch.load(tmp_path / f"box{r}.pt", weights_only=False) for r in range(WORLD)]
+    eye = torch.eye(3)
+    layers = set()
+    for rows in zip(*ranks, strict=True):
+        assert len({(r["layer"], r["box"], r["lam"]) for r in rows}) == 1  # one shared draw
+        layer, box = rows[0]["layer"], rows[0]["box"]
+        layers.add(layer)
+        every = torch.cat([r["clean"] if layer == "input" else r["h"] for r in rows])
+        # each rank's own labels, found by its clean input rows in the dataset
+        own_y = [y[[int((x == row).all((1, 2, 3)).nonzero()) for row in r["clean"]]] for r in rows]
+        labels = torch.cat(own_y)
+        for r, y_own in zip(rows, own_y, strict=True):
+            own = r["clean"] if layer == "input" else r["h"]
+            got = r["x"] if layer == "input" else r["seen"]
+            torch.testing.assert_close(got, box.paste(own, every[r["index"]]))
+            soft = r["lam"] * eye[y_own] + (1 - r["lam"]) * eye[labels[r["index"]]]
+            torch.testing.assert_close(r["y"], soft)
+    assert layers == {"input", "net.1"}
