@@ -153,7 +153,7 @@ class MixDecision:
     def of(cls, draw: Draw, eligible: list[str], device: torch.device, policy: Any) -> MixDecision:
         """The decision of ``draw`` mixed by ``policy``, permutation and lam on ``device``."""
         index = host_to_device(draw.perm, device)
-        center = draw.box_center if getattr(policy, "boxed", False) else None
+        center = draw.box_center if policy.boxed else None
         return cls(
             eligible[draw.layer],
             draw.layer,

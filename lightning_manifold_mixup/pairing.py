@@ -27,7 +27,6 @@ SHARED_STREAM = 2**32 - 1
 class LocalPairing:
     """Partners come from the process's own batch; its stream is keyed by its replica."""
 
-    gather: Any = None  # every rank's rows of a tensor (global pairing only)
     # The partner rows of ``t`` (B, ...) under ``index`` (B,): ``t[index]``, a fresh tensor.
     partner = staticmethod(permute_rows)
 
@@ -49,7 +48,6 @@ class GlobalPairing(LocalPairing):
         # One stream for every rank: they must agree on the layer (the hook's collectives
         # would otherwise wait for each other forever), lam and the global permutation.
         self.stream_key = SHARED_STREAM
-        self.gather = _global_rows
 
     def draw_rows(self, batch_size: int, device: torch.device) -> tuple[int, slice | None]:
         _check_equal_batch_sizes(batch_size, device)

@@ -85,7 +85,7 @@ def test_callback_can_be_added_with_a_flag(tmp_path: Path) -> None:
     )
     added = [c for c in cli.trainer.callbacks if isinstance(c, ManifoldMixupCallback)]
     assert len(added) == 1
-    assert added[0].alpha == 0.5 and added[0].eligible == ["net.layers.1"]
+    assert added[0].config.alpha == 0.5 and added[0].eligible == ["net.layers.1"]
     assert cli.trainer.global_step == 2
 
 
