@@ -155,12 +155,12 @@ class InFlight:
         decision = self.decision
         if decision is None:
             return t
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.ndim == 0:
-            raise ValueError(
-                f"ManifoldMixupCallback.mix_like needs a float tensor of {self.rows} rows (the "
-                f"batch's), got {describe(t)}."
-            )
-        if t.shape[0] != self.rows:
+        if (
+            not isinstance(t, Tensor)
+            or not t.is_floating_point()
+            or t.ndim == 0
+            or t.shape[0] != self.rows
+        ):
             raise ValueError(
                 f"ManifoldMixupCallback.mix_like needs a float tensor of {self.rows} rows (the "
                 f"batch's), got {describe(t)}."

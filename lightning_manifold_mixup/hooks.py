@@ -94,6 +94,7 @@ class HookSet:
         self.probe: dict[str, int] | None = None  # runs per layer in the first step
         self._warned: set[str] = set()
         self._strategy: Any = None
+        self._own_step: Any = None  # a training_step in the strategy's __dict__ before ours
 
     def install(
         self, trainer: pl.Trainer, layers: dict[str, nn.Module], on_output: OnOutput
@@ -129,7 +130,10 @@ class HookSet:
         strategy, self._strategy = self._strategy, None
         window = None if strategy is None else strategy.__dict__.get("training_step")
         if isinstance(window, _StepWindow) and window.token == self.token:
-            del strategy.__dict__["training_step"]
+            if self._own_step is None:
+                del strategy.__dict__["training_step"]
+            else:  # the strategy's own instance attribute, put back
+                strategy.__dict__["training_step"] = self._own_step
         self.disarm()
 
     def arm(self, flight: Any) -> None:
@@ -194,6 +198,7 @@ class HookSet:
     def _wrap_training_step(self, strategy: Any) -> None:
         """Close the window when the strategy's ``training_step`` (which Lightning calls for
         every training step, around the module's) returns."""
+        self._own_step = strategy.__dict__.get("training_step")
         strategy.__dict__["training_step"] = _StepWindow(self.token, strategy.training_step)
         self._strategy = strategy
 

@@ -379,3 +379,15 @@ def test_lr_find_before_fit_leaves_the_fit_as_without_it() -> None:
     tuning, after_tuning = fit_draws(tune=True)
     assert tuning == []  # the finder swaps in its own callback list: no step was mixed
     assert after_tuning == plain and len(plain) == 4
+
+
+def test_a_training_step_the_strategy_holds_itself_is_put_back_after_each_fit() -> None:
+    trainer = fake_trainer(strategy=fake_strategy())  # training_step in its own __dict__
+    own = trainer.strategy.training_step
+    model = MLPClassifier()
+    for _ in range(2):  # a second fit finds the strategy's own step again
+        cb = ManifoldMixupCallback(layers=["net.1"], seed=0, log=False)
+        cb.on_fit_start(trainer, model)
+        assert trainer.strategy.training_step is not own
+        cb.teardown(trainer, model, "fit")
+        assert trainer.strategy.training_step is own
