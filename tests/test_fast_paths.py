@@ -104,12 +104,12 @@ def test_only_modules_with_batch_major_outputs_are_batch_major() -> None:
 
 
 def test_batch_major_tensor_output_is_mixed_without_the_walk(monkeypatch: Any) -> None:
-    import lightning_manifold_mixup.callback as callback
+    import lightning_manifold_mixup.batch as batch
 
     def no_walk(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("map_batch walked a batch-major tensor output")
 
-    monkeypatch.setattr(callback, "map_batch", no_walk)
+    monkeypatch.setattr(batch, "map_batch", no_walk)
     cb = ManifoldMixupCallback(layers=["net.1", "net.3"], seed=0, log=False)
     quiet_trainer(max_steps=4, callbacks=[cb]).fit(MLPClassifier(), make_loader())
     assert sum(cb.summary["layers"].values()) == 4
