@@ -11,16 +11,23 @@ from torch import Tensor
 from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.hf import check_input_mixable
 from lightning_manifold_mixup.layout import describe, map_batch
-from lightning_manifold_mixup.mixin import ManifoldMixupMixin
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, batch_entry, is_dataclass_batch
 from lightning_manifold_mixup.policies import Box, MixPolicy
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
     """``batch[key]``, or an error that shows the batch's keys and the argument to set."""
     try:
-        return batch[key]
-    except (KeyError, IndexError, TypeError) as err:
+        return batch_entry(batch, key)
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else None
+        if is_dataclass_batch(batch):
+            keys = [field.name for field in dataclasses.fields(batch)]
+            raise ValueError(
+                f"ManifoldMixupCallback: no field {key!r} ({what}) in the dataclass batch "
+                f"{type(batch).__name__} (fields {keys}). Set {what} to the name (str) of the "
+                f"{'input' if what == 'input_key' else 'target'}'s field."
+            ) from err
         shape = f"keys {keys}" if keys is not None else f"a {type(batch).__name__}"
         if isinstance(batch, Sequence) and not isinstance(batch, str):
             shape += f" of length {len(batch)}"
@@ -37,6 +44,15 @@ def input_and_target(
     """``(x, y, batch size)`` of a training batch, with the shapes checked against each other."""
     x = get_entry(batch, input_key, "input_key")
     y = get_entry(batch, target_key, "target_key")
+    if _is_tuple_target(x, y):
+        shapes = ", ".join(map(describe, y))
+        raise TypeError(
+            f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
+            f"{type(y).__name__} of {len(y)} tensors ({shapes}), but the callback mixes one "
+            "target tensor. Put the other tensors (sample weights, a second target) in their "
+            "own entries of the batch, e.g. (x, labels, weights) with target_key=1: entries "
+            "other than the input and the target are passed on unmixed."
+        )
     if not isinstance(y, Tensor):
         raise TypeError(
             f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
@@ -55,6 +71,17 @@ def input_and_target(
     return x, y, rows
 
 
+def _is_tuple_target(x: Any, y: Any) -> bool:
+    """A target given as several tensors of the input's rows (``(labels, weights)``), as
+    opposed to another loader's whole batch (several dataloaders, where the input is one too)."""
+    return (
+        isinstance(x, Tensor)
+        and isinstance(y, (list, tuple))
+        and len(y) > 0
+        and all(isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] for t in y)
+    )
+
+
 def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) -> None:
     """Write ``value`` into the batch in place (Lightning hands this object to training_step)."""
     if isinstance(batch, MutableMapping):
@@ -63,6 +90,16 @@ def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningMod
     if isinstance(batch, MutableSequence) and isinstance(key, int):
         batch[key] = value
         return
+    if isinstance(key, str) and is_dataclass_batch(batch):
+        try:
+            setattr(batch, key, value)
+            return
+        except dataclasses.FrozenInstanceError as err:
+            raise TypeError(
+                f"ManifoldMixupCallback cannot rewrite the frozen dataclass batch "
+                f"{type(batch).__name__} in place: drop frozen=True from its @dataclass, or "
+                "return a list or dict from your collate_fn."
+            ) from err
     kind = f"{type(batch).__name__} batch"
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         kind = f"namedtuple batch ({type(batch).__name__})"

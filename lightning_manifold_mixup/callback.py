@@ -34,6 +34,7 @@ from lightning_manifold_mixup.mixin import (
     check_module,
     check_training_step,
     find_num_classes,
+    missing_classes_hint,
 )
 from lightning_manifold_mixup.pairing import LocalPairing, make_pairing
 from lightning_manifold_mixup.policies import Blender, Box, make_policy
@@ -256,9 +257,10 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         self._stream.start_fit(trainer)
         classes = find_num_classes(pl_module) if config.num_classes is None else config.num_classes
         self._targets = TargetMixer(config.targets, classes)
+        self._targets.missing = missing_classes_hint(pl_module)
         self._record = MixRecord(self.eligible)
         self._automatic = bool(pl_module.automatic_optimization)
-        check_module(pl_module)
+        check_module(pl_module, config.targets)
         self._install_hooks(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
@@ -294,6 +296,12 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
         draw = self._draw(rng, alpha, rows, y.device)
         if draw is None:
             self._record.add_unmixed()
+            # One target format for the whole fit: an unmixed batch's targets take the mixed
+            # form (lam 1), so training_step and its metrics never see the format change.
+            target = self._targets.unmixed(y)
+            if target is not y:
+                set_entry(batch, self.config.target_key, target, pl_module)
+            self._batch.target = target
             return
         policy = self._batch.policy = make_policy(draw.cutmix, draw.lam, draw.box_center)
         layer = self.eligible[draw.layer]
