@@ -91,15 +91,9 @@ def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningMod
         batch[key] = value
         return
     if isinstance(key, str) and is_dataclass_batch(batch):
-        try:
-            setattr(batch, key, value)
-            return
-        except dataclasses.FrozenInstanceError as err:
-            raise TypeError(
-                f"ManifoldMixupCallback cannot rewrite the frozen dataclass batch "
-                f"{type(batch).__name__} in place: drop frozen=True from its @dataclass, or "
-                "return a list or dict from your collate_fn."
-            ) from err
+        # (Lightning refuses frozen dataclass batches itself, when it moves them to the device.)
+        setattr(batch, key, value)
+        return
     kind = f"{type(batch).__name__} batch"
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         kind = f"namedtuple batch ({type(batch).__name__})"
