@@ -139,7 +139,7 @@ def test_unmixed_batches_get_one_hot_soft_targets_like_mixed_ones() -> None:
     assert all(t.dtype == torch.float32 and t.shape == (4, 4) for t in model.targets)
     # The unmixed batches (of the second epoch too) are exactly one-hot rows of their labels.
     one_hot = F.one_hot(y, 4).float().split(4) * 2
-    exact = [torch.equal(t, expected) for t, expected in zip(model.targets, one_hot)]
+    exact = [torch.equal(t, expected) for t, expected in zip(model.targets, one_hot, strict=True)]
     assert sum(exact) == cb.summary["unmixed_batches"] > 0
 
 
@@ -148,7 +148,7 @@ def test_unmixed_batches_get_a_pair_with_lam_one_in_pair_mode() -> None:
     model = Recording(num_classes=4)
     cb = ManifoldMixupCallback(layers=["net.1"], probability=0.0, targets="pair", seed=0)
     quiet_trainer(max_epochs=1, callbacks=[cb]).fit(model, xy_loader(y))
-    for target, rows in zip(model.targets, y.split(4)):
+    for target, rows in zip(model.targets, y.split(4), strict=True):
         assert isinstance(target, MixedTarget)
         assert torch.equal(target.y_a, rows) and torch.equal(target.y_b, rows)
         assert float(target.lam) == 1.0
@@ -187,7 +187,7 @@ def test_unmixed_class_maps_are_a_pair_with_lam_one() -> None:
     model = Segmenter()
     cb = ManifoldMixupCallback(layers=["net.1"], probability=0.0, seed=0)
     quiet_trainer(max_epochs=1, callbacks=[cb]).fit(model, loader)
-    for target, rows in zip(model.targets, masks.split(4)):
+    for target, rows in zip(model.targets, masks.split(4), strict=True):
         assert isinstance(target, MixedTarget)
         assert torch.equal(target.y_a, rows) and torch.equal(target.y_b, rows)
         assert float(target.lam) == 1.0
@@ -415,9 +415,11 @@ class DataclassModule(Plain):
 
 def dataclass_loader(kind: type, y: torch.Tensor) -> DataLoader:
     x = torch.randn(len(y), 8, generator=torch.Generator().manual_seed(0))
-    pairs = list(zip(x, y))
+    pairs = list(zip(x, y, strict=True))
     return DataLoader(
-        pairs, batch_size=4, collate_fn=lambda rows: kind(*map(torch.stack, zip(*rows)))
+        pairs,
+        batch_size=4,
+        collate_fn=lambda rows: kind(*map(torch.stack, zip(*rows, strict=True))),
     )
 
 
