@@ -442,3 +442,11 @@ def test_a_labels_and_weights_tuple_target_gets_its_own_message() -> None:
         trainer.fit(Plain(), DataLoader(rows, batch_size=4))
     assert "dataloaders" not in str(err.value)
     assert "(x, labels, weights)" in str(err.value)
+
+
+def test_a_dataclass_batch_without_the_named_field_lists_its_fields() -> None:
+    cb = ManifoldMixupCallback(layers=["input"], input_key="x", target_key="label")
+    trainer = quiet_trainer(max_steps=1, callbacks=[cb])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no field 'label'") as err:
+        trainer.fit(DataclassModule(), dataclass_loader(Batch, labels(8)))
+    assert "(fields ['x', 'y'])" in str(err.value)
