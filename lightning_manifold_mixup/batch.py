@@ -11,18 +11,20 @@ from torch import Tensor
 from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.hf import check_input_mixable
 from lightning_manifold_mixup.layout import describe, map_batch
-from lightning_manifold_mixup.mixin import ManifoldMixupMixin, batch_entry, is_dataclass_batch
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, is_dataclass_batch
 from lightning_manifold_mixup.policies import Box, MixPolicy
 
 
 def get_entry(batch: Any, key: int | str, what: str) -> Any:
     """``batch[key]``, or an error that shows the batch's keys and the argument to set."""
     try:
-        return batch_entry(batch, key)
-    except (KeyError, IndexError, TypeError, AttributeError) as err:
+        return batch[key]
+    except (KeyError, IndexError, TypeError) as err:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else None
-        if is_dataclass_batch(batch):
+        if is_dataclass_batch(batch):  # fields named by the keys
             keys = [field.name for field in dataclasses.fields(batch)]
+            if key in keys:
+                return getattr(batch, key)
             raise ValueError(
                 f"ManifoldMixupCallback: no field {key!r} ({what}) in the dataclass batch "
                 f"{type(batch).__name__} (fields {keys}). Set {what} to the name (str) of the "
@@ -44,16 +46,16 @@ def input_and_target(
     """``(x, y, batch size)`` of a training batch, with the shapes checked against each other."""
     x = get_entry(batch, input_key, "input_key")
     y = get_entry(batch, target_key, "target_key")
-    if _is_tuple_target(x, y):
-        shapes = ", ".join(map(describe, y))
-        raise TypeError(
-            f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
-            f"{type(y).__name__} of {len(y)} tensors ({shapes}), but the callback mixes one "
-            "target tensor. Put the other tensors (sample weights, a second target) in their "
-            "own entries of the batch, e.g. (x, labels, weights) with target_key=1: entries "
-            "other than the input and the target are passed on unmixed."
-        )
     if not isinstance(y, Tensor):
+        if _is_tuple_target(x, y):
+            shapes = ", ".join(map(describe, y))
+            raise TypeError(
+                f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
+                f"{type(y).__name__} of {len(y)} tensors ({shapes}), but the callback mixes one "
+                "target tensor. Put the other tensors (sample weights, a second target) in their "
+                "own entries of the batch, e.g. (x, labels, weights) with target_key=1: entries "
+                "other than the input and the target are passed on unmixed."
+            )
         raise TypeError(
             f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
             f"{type(y).__name__}, not a tensor. With several training dataloaders each batch "

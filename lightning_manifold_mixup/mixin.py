@@ -207,7 +207,12 @@ class ManifoldMixupMixin:
         :meth:`log_train_metrics`. With ``Trainer(barebones=True)`` nothing is logged.
         """
         input_key, target_key = self.mixup_batch_keys()
-        x, y = batch_entry(batch, input_key), batch_entry(batch, target_key)
+        try:
+            x, y = batch[input_key], batch[target_key]
+        except TypeError:
+            if not is_dataclass_batch(batch):
+                raise
+            x, y = getattr(batch, input_key), getattr(batch, target_key)
         logits = self(x)  # type: ignore[operator]
         loss = self.mixup_loss(logits, y)
         self.log_train_metrics(loss, logits, y)
@@ -293,13 +298,6 @@ class ManifoldMixupMixin:
 def is_dataclass_batch(batch: Any) -> bool:
     """A dataclass instance as the batch: its fields are read and written by name."""
     return dataclasses.is_dataclass(batch) and not isinstance(batch, type)
-
-
-def batch_entry(batch: Any, key: Any) -> Any:
-    """``batch[key]``, or the field ``key`` of a dataclass batch."""
-    if isinstance(key, str) and is_dataclass_batch(batch):
-        return getattr(batch, key)
-    return batch[key]
 
 
 def _batch_keys(module: object) -> tuple[Any, Any]:
