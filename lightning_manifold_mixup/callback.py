@@ -60,10 +60,12 @@ class ManifoldMixupCallback(ConfigAttributes, CallbackBase):
             selects block/stage outputs automatically (see :meth:`candidate_layers`).
         alpha: Beta(alpha, alpha) concentration, > 0. The paper uses 2.0 for manifold mixup
             and 1.0 for input mixup on CIFAR.
-        probability: chance in [0, 1] that a batch is mixed at all.
+        probability: chance in [0, 1] that a batch is mixed at all. An unmixed batch's
+            targets take the mixed form with lam 1 (one format for the whole fit).
         lam_mode: ``"batch"`` (one lam per batch, as the paper) or ``"sample"`` (one per row).
-        num_classes: classes for integer targets; defaults to ``pl_module.num_classes`` or
-            ``pl_module.hparams.num_classes``.
+        num_classes: classes for integer targets; defaults to ``pl_module.num_classes``,
+            ``pl_module.hparams.num_classes`` or ``.num_labels``, or the ``config.num_labels``
+            of a Hugging Face classifier in the module.
         input_key: where the input sits in the batch (int for sequences, str for dicts).
         target_key: where the target sits in the batch.
         seed: seed of the mixing stream; ``None`` uses Lightning's global seed

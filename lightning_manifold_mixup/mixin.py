@@ -42,8 +42,8 @@ def dominant_class(target: Target) -> Tensor:
     """
     if isinstance(target, MixedTarget):
         return torch.where(_rows(target.lam, target.y_a) >= 0.5, target.y_a, target.y_b)
-    if target.is_floating_point() and (target.ndim == 1 or target.shape[-1] == 1):
-        return (target >= 0.5).long()  # binary labels (B,) or (B, 1): the side weighing more
+    if _is_binary(target):
+        return (target >= 0.5).long()  # the side weighing more
     if target.is_floating_point():
         return target.argmax(dim=-1)
     return target
@@ -56,10 +56,16 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     accuracy against both labels weighted by lam; for class indices it is plain accuracy. For
     class maps ``(B, d1, ...)`` (``class_axis`` of the logits given) the credit is per entry.
 
+    Binary float labels ``(B,)`` or ``(B, 1)`` with one logit per row: the class predicted is
+    ``logit > 0``, credited ``y`` when 1 and ``1 - y`` when 0.
+
     Example:
         >>> mixed_accuracy(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3]] * 2))
         tensor([0.7000, 0.3000])
     """
+    if _is_binary(target):
+        side = predicted_class(logits, target).float()
+        return (side * target + (1 - side) * (1 - target)).reshape(-1).float()
     pred = logits.argmax(dim=class_axis)
     if isinstance(target, MixedTarget):
         lam = _rows(target.lam, pred).float()
@@ -67,6 +73,23 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     if target.is_floating_point():
         return target.gather(-1, pred.unsqueeze(-1)).squeeze(-1).float()
     return (pred == target).float()
+
+
+def _is_binary(target: Target) -> bool:
+    """Float binary labels ``(B,)`` or ``(B, 1)`` (for one logit per row)."""
+    return (
+        isinstance(target, Tensor)
+        and target.is_floating_point()
+        and (target.ndim == 1 or target.shape[-1] == 1)
+    )
+
+
+def predicted_class(logits: Tensor, target: Target, class_axis: int = -1) -> Tensor:
+    """The class ``logits`` predict, in the form of ``dominant_class(target)``: ``logit > 0``
+    as int64 of the target's shape for binary labels, else the argmax over ``class_axis``."""
+    if _is_binary(target) and logits.numel() == target.numel():
+        return (logits > 0).long().reshape(target.shape)
+    return logits.argmax(dim=class_axis)
 
 
 def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> None:
@@ -253,7 +276,7 @@ class ManifoldMixupMixin:
         if maps.ndim >= 2 and not maps.is_floating_point():  # class maps: per entry
             axis = class_axis(detached, tuple(maps.shape), self.mixup_class_axis)
             valid = (dominant != self.mixup_ignore_index).float()
-        hits = (detached.argmax(axis) == dominant).float()
+        hits = (predicted_class(detached, target, axis) == dominant).float()
         credit = mixed_accuracy(detached, target, axis).float()
         if valid is None:
             accuracy, mixed = hits.mean(), credit.mean()

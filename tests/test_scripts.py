@@ -128,6 +128,41 @@ def test_metrics_on_class_indices_of_the_targets_hold_for_every_batch_of_a_fit()
     assert 0 < cb.summary["unmixed_batches"] < 8  # both kinds of batch were met
 
 
+class BinaryMixin(ManifoldMixupMixin, L.LightningModule):
+    """One logit per row, BCE on float 0/1 labels (B, 1): the mixin's default training_step."""
+
+    mixup_criterion = "bce_with_logits"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append((self(batch[0]).detach(), batch[1]))
+        return super().training_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_mixins_train_accuracy_of_a_single_logit_model_reads_the_logits_sign() -> None:
+    y = (torch.arange(16) % 2).float()[:, None]
+    model = BinaryMixin()
+    cb = ManifoldMixupCallback(layers=["net.1"], seed=0)
+    trainer = quiet_trainer(max_steps=1, log_every_n_steps=1, callbacks=[cb])
+    trainer.fit(model, xy_loader(y))
+    logits, target = model.seen[0]
+    side = (logits > 0).float()
+    expected = ((logits > 0) == (target >= 0.5)).float().mean()
+    mixed = (side * target + (1 - side) * (1 - target)).mean()
+    torch.testing.assert_close(trainer.callback_metrics["train_acc_step"], expected)
+    torch.testing.assert_close(trainer.callback_metrics["train_mixed_acc_step"], mixed)
+
+
 # 2. One target format for the whole fit
 
 
