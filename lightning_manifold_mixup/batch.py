@@ -23,7 +23,7 @@ def get_entry(batch: Any, key: int | str, what: str) -> Any:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else None
         if is_dataclass_batch(batch):  # fields named by the keys
             keys = [field.name for field in dataclasses.fields(batch)]
-            if key in keys:
+            if isinstance(key, str) and key in keys:
                 return getattr(batch, key)
             raise ValueError(
                 f"ManifoldMixupCallback: no field {key!r} ({what}) in the dataclass batch "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -75,7 +75,7 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     return (pred == target).float()
 
 
-def _is_binary(target: Target) -> bool:
+def _is_binary(target: Target) -> TypeGuard[Tensor]:
     """Float binary labels ``(B,)`` or ``(B, 1)`` (for one logit per row)."""
     return (
         isinstance(target, Tensor)
