@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, MutableMapping, MutableSequence, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from lightning_manifold_mixup._lightning import pl
 from lightning_manifold_mixup.draw import MixDecision
 from lightning_manifold_mixup.hf import check_input_mixable
 from lightning_manifold_mixup.layout import batch_size_of, describe, map_batch
-from lightning_manifold_mixup.mixin import ManifoldMixupMixin
+from lightning_manifold_mixup.mixin import ManifoldMixupMixin, is_dataclass_batch
 from lightning_manifold_mixup.policies import mix_with_partner
 from lightning_manifold_mixup.targets import TargetMixer
 
@@ -23,6 +24,15 @@ def get_entry(batch: Any, key: int | str, what: str) -> Any:
         return batch[key]
     except (KeyError, IndexError, TypeError) as err:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else None
+        if is_dataclass_batch(batch):  # fields named by the keys
+            keys = [field.name for field in dataclasses.fields(batch)]
+            if isinstance(key, str) and key in keys:
+                return getattr(batch, key)
+            raise ValueError(
+                f"ManifoldMixupCallback: no field {key!r} ({what}) in the dataclass batch "
+                f"{type(batch).__name__} (fields {keys}). Set {what} to the name (str) of the "
+                f"{'input' if what == 'input_key' else 'target'}'s field."
+            ) from err
         shape = f"keys {keys}" if keys is not None else f"a {type(batch).__name__}"
         if isinstance(batch, Sequence) and not isinstance(batch, str):
             shape += f" of length {len(batch)}"
@@ -40,6 +50,15 @@ def input_and_target(
     x = get_entry(batch, input_key, "input_key")
     y = get_entry(batch, target_key, "target_key")
     if not isinstance(y, Tensor):
+        if _is_tuple_target(x, y):
+            shapes = ", ".join(map(describe, y))
+            raise TypeError(
+                f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
+                f"{type(y).__name__} of {len(y)} tensors ({shapes}), but the callback mixes one "
+                "target tensor. Put the other tensors (sample weights, a second target) in their "
+                "own entries of the batch, e.g. (x, labels, weights) with target_key=1: entries "
+                "other than the input and the target are passed on unmixed."
+            )
         raise TypeError(
             f"ManifoldMixupCallback: the target at target_key={target_key!r} is a "
             f"{type(y).__name__}, not a tensor. With several training dataloaders each batch "
@@ -57,6 +76,17 @@ def input_and_target(
     return x, y, rows
 
 
+def _is_tuple_target(x: Any, y: Any) -> bool:
+    """A target given as several tensors of the input's rows (``(labels, weights)``), as
+    opposed to another loader's whole batch (several dataloaders, where the input is one too)."""
+    return (
+        isinstance(x, Tensor)
+        and isinstance(y, (list, tuple))
+        and len(y) > 0
+        and all(isinstance(t, Tensor) and t.ndim and t.shape[0] == x.shape[0] for t in y)
+    )
+
+
 def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningModule) -> None:
     """Write ``value`` into the batch in place (Lightning hands this object to training_step)."""
     if isinstance(batch, MutableMapping):
@@ -64,6 +94,10 @@ def set_entry(batch: Any, key: int | str, value: Any, pl_module: pl.LightningMod
         return
     if isinstance(batch, MutableSequence) and isinstance(key, int):
         batch[key] = value
+        return
+    if isinstance(key, str) and is_dataclass_batch(batch):
+        # (Lightning refuses frozen dataclass batches itself, when it moves them to the device.)
+        setattr(batch, key, value)
         return
     kind = f"{type(batch).__name__} batch"
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
@@ -110,6 +144,15 @@ class InFlight:
         self.mask_length: int | None = None  # length of the mask replaced by the union
         self.in_step = True
         self.in_backward = False
+
+    def write_target(
+        self, batch: Any, key: int | str, target: Any, pl_module: pl.LightningModule
+    ) -> None:
+        """Hand ``target`` to training_step: written into the batch in place (unless it is the
+        batch's own target) and kept as the batch's mixed target."""
+        self.target = target
+        if target is not self.original:
+            set_entry(batch, key, target, pl_module)
 
     def partner(self, t: Tensor) -> Tensor:
         """The partner rows of ``t`` ``(B, ...)`` under the batch's decision."""

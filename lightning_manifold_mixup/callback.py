@@ -30,6 +30,7 @@ from lightning_manifold_mixup.mixin import (
     check_module,
     check_training_step,
     find_num_classes,
+    missing_classes_hint,
 )
 from lightning_manifold_mixup.pairing import LocalPairing, make_pairing
 from lightning_manifold_mixup.policies import Blend, MixPolicy, batch_policy
@@ -55,10 +56,12 @@ class ManifoldMixupCallback(CallbackBase):
             selects block/stage outputs automatically (see :meth:`candidate_layers`).
         alpha: Beta(alpha, alpha) concentration, > 0. The paper uses 2.0 for manifold mixup
             and 1.0 for input mixup on CIFAR.
-        probability: chance in [0, 1] that a batch is mixed at all.
+        probability: chance in [0, 1] that a batch is mixed at all. An unmixed batch's
+            targets take the mixed form with lam 1 (one format for the whole fit).
         lam_mode: ``"batch"`` (one lam per batch, as the paper) or ``"sample"`` (one per row).
-        num_classes: classes for integer targets; defaults to ``pl_module.num_classes`` or
-            ``pl_module.hparams.num_classes``.
+        num_classes: classes for integer targets; defaults to ``pl_module.num_classes``,
+            ``pl_module.hparams.num_classes`` or ``.num_labels``, or the ``config.num_labels``
+            of a Hugging Face classifier in the module.
         input_key: where the input sits in the batch (int for sequences, str for dicts).
         target_key: where the target sits in the batch.
         seed: seed of the mixing stream; ``None`` uses Lightning's global seed
@@ -241,9 +244,10 @@ class ManifoldMixupCallback(CallbackBase):
         self._stream.start_fit(trainer)
         classes = find_num_classes(pl_module) if config.num_classes is None else config.num_classes
         self._targets = TargetMixer(config.targets, classes)
+        self._targets.missing = missing_classes_hint(pl_module)
         self._record = MixRecord(self.eligible)
         self._automatic = bool(pl_module.automatic_optimization)
-        check_module(pl_module)
+        check_module(pl_module, config.targets)
         self._install_hooks(trainer, pl_module)
         for logger in trainer.loggers:
             logger.log_hyperparams({"mixup": self.hparams()})
@@ -265,9 +269,8 @@ class ManifoldMixupCallback(CallbackBase):
             warn_restarted_loader(trainer, batch_idx)
         # (fit_loop._skip_backward's own attribute: the property costs a Python call per batch)
         if trainer.fit_loop.epoch_loop.automatic_optimization._skip_backward:
-            # StochasticWeightAveraging's BatchNorm pass: no backward and no optimizer step
-            # follow, so the batch is neither mixed nor drawn for (the averaged model's
-            # statistics are those of clean features, and the stream stays where it was).
+            # StochasticWeightAveraging's BatchNorm pass (no backward, no optimizer step): neither
+            # mixed nor drawn for (clean statistics for the averaged model; the stream stays).
             return
         config = self.config
         alpha = self.alpha_at(trainer)
@@ -282,6 +285,8 @@ class ManifoldMixupCallback(CallbackBase):
         started = None if draw is None else batch_policy(self._policy, rng, draw, total, mine)
         if started is None:
             self._record.add_unmixed()
+            # One target format for the whole fit: an unmixed batch's take the mixed form (lam 1).
+            flight.write_target(batch, config.target_key, self._targets.unmixed(y), pl_module)
             return
         policy, draw = started
         decision = flight.decision = MixDecision.of(draw, self.eligible, y.device, policy)
@@ -291,8 +296,7 @@ class ManifoldMixupCallback(CallbackBase):
         flight.mask_length = self._masks.apply(batch, x, flight.partner)
         if decision.layer == INPUT:
             set_entry(batch, config.input_key, flight.mix_input(x, config.input_key), pl_module)
-        set_entry(batch, config.target_key, target, pl_module)
-        flight.target = target
+        flight.write_target(batch, config.target_key, target, pl_module)
         # Host numbers (the kept area of an input box): counting and logging never read the device.
         lam = decision.host_lam
         flight.record = (draw.layer, float(lam if lam.ndim == 0 else lam.mean()))

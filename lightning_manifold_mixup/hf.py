@@ -46,15 +46,26 @@ def _is_class_labels(target: Any) -> bool:
     return isinstance(target, Tensor) and not target.is_floating_point()
 
 
-def _fix_message(name: str, module: nn.Module, target_key: int | str, found: str) -> str:
+def _fix_message(
+    name: str, module: nn.Module, target_key: int | str, found: str, maps: bool = False
+) -> str:
+    """The refusal's text; ``maps``: the targets are class maps (token labels), whose models
+    compute a cross-entropy that a MixedTarget pair cannot enter (no problem_type switch)."""
     kind = type(module).__name__
+    where = "(the LightningModule itself)" if name == "" else f"at {name!r}"
     key = repr(target_key)
+    fails = (
+        "its own cross-entropy from them, which cannot take a MixedTarget pair of label maps "
+        "and their weight: it fails, or trains on one side of each pair only."
+        if maps
+        else "its own loss, and on mixed targets (float soft targets or a MixedTarget) it "
+        "switches config.problem_type to 'multi_label_classification' for good and trains "
+        "with BCE on logits, or fails."
+    )
     return (
-        f"ManifoldMixupCallback: {kind} at {name!r} was called with the training targets "
+        f"ManifoldMixupCallback: {kind} {where} was called with the training targets "
         f"(batch[{key}], {found}) as an argument. A Hugging Face model given labels computes "
-        "its own loss, and on mixed targets (float soft targets or a MixedTarget) it switches "
-        "config.problem_type to 'multi_label_classification' for good and trains with BCE "
-        "on logits, or fails. Call the model without labels and compute the mixup loss:\n"
+        f"{fails} Call the model without labels and compute the mixup loss:\n"
         f"    inputs = {{k: v for k, v in batch.items() if k != {key}}}\n"
         "    out = self.model(**inputs)\n"
         f"    loss = self.mixup_loss(out.logits, batch[{key}])\n"
@@ -100,12 +111,13 @@ def _guard_one(
             return
         original, mixed = flight.original, flight.target
         labels = _is_class_labels(original)
+        maps = labels and original.ndim >= 2
         for value in (*args, *kwargs.values()):
             if isinstance(value, MixedTarget):
-                raise RuntimeError(_fix_message(name, mod, target_key, "a MixedTarget"))
+                raise RuntimeError(_fix_message(name, mod, target_key, "a MixedTarget", maps))
             if labels and value is not None and (value is original or value is mixed):
                 found = "the class labels" if value is original else "the mixed soft targets"
-                raise RuntimeError(_fix_message(name, mod, target_key, found))
+                raise RuntimeError(_fix_message(name, mod, target_key, found, maps))
 
     def post_hook(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         flight = in_flight()

@@ -250,6 +250,9 @@ def candidate_layers(model: nn.Module) -> list[str]:
        never selected.
     5. Blocks of a Hugging Face model that run several times per forward (ALBERT's shared
        layers) are dropped (see :func:`reused_blocks`).
+    6. Inside a Hugging Face model only per-token layers are kept: its blocks, or its
+       embeddings' output when no block is left (see :func:`per_token_choice`); never the
+       pooled output, where the attention-mask union would only cost.
 
     The result holds normalized names and never the input; add ``"input"`` yourself.
 
@@ -266,7 +269,7 @@ def candidate_layers(model: nn.Module) -> list[str]:
     for name in out:
         seen.setdefault(normalize_name(name), None)
     shared = reused_blocks(model, list(seen))
-    return [name for name in seen if name not in shared]
+    return per_token_choice(model, [name for name in seen if name not in shared])
 
 
 def _listing(names: Sequence[str], limit: int = 40) -> str:
@@ -353,6 +356,40 @@ def is_hf_model(module: nn.Module) -> bool:
     return config is not None and hasattr(config, "problem_type")
 
 
+def _hf_roots(model: nn.Module, modules: dict[str, nn.Module]) -> list[str]:
+    """Normalized names of the outermost Hugging Face models in ``model`` (``""``: itself)."""
+    if is_hf_model(model):
+        return [""]
+    found = [name for name, module in modules.items() if is_hf_model(module)]
+    return [n for n in found if not any(n.startswith(other + ".") for other in found)]
+
+
+def per_token_choice(model: nn.Module, candidates: Sequence[str]) -> list[str]:
+    """``candidates`` with a Hugging Face model's pooled layers replaced by per-token ones.
+
+    Inside each Hugging Face model only the blocks are kept (candidates in a ``ModuleList``
+    or ``Sequential``: encoder layers, decoder layers, vision stages); the pooler's
+    activation (BERT's ``pooler.activation``, ALBERT's ``pooler_activation``) is dropped. A
+    model left with no block (ALBERT, whose shared blocks :func:`reused_blocks` drops) gets
+    its embeddings' output instead (``<model>.embeddings``), when it has one. Candidates
+    outside Hugging Face models are kept as they are.
+    """
+    modules = named_layers(model)
+    out = list(candidates)
+    for root in _hf_roots(model, modules):
+        prefix = f"{root}." if root else ""
+        inside = [name for name in out if name.startswith(prefix)]
+        blocks = [name for name in inside if _in_stack(name, modules, model)]
+        if blocks:
+            out = [name for name in out if name not in inside or name in blocks]
+            continue
+        last = (n for n in modules if n.startswith(prefix) and n.rpartition(".")[2] == "embeddings")
+        embeddings = next(last, None)
+        if embeddings is not None:
+            out = [name for name in out if name not in inside] + [embeddings]
+    return out
+
+
 def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
     """The ``candidates`` (normalized names) to drop: blocks of a Hugging Face model that run
     several times per forward, each run mixed again (not the paper's one mix at one depth).
@@ -364,13 +401,8 @@ def reused_blocks(model: nn.Module, candidates: Sequence[str]) -> set[str]:
     ``num_hidden_layers`` (both stacks), so they are never flagged.
     """
     modules = named_layers(model)
-    if is_hf_model(model):
-        roots = [""]
-    else:
-        found = [name for name, module in modules.items() if is_hf_model(module)]
-        roots = [n for n in found if not any(n.startswith(other + ".") for other in found)]
     flagged: set[str] = set()
-    for root in roots:
+    for root in _hf_roots(model, modules):
         root_module = model if root == "" else modules[root]
         prefix = f"{root}." if root else ""
         blocks = [

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -25,7 +26,9 @@ def dominant_class(target: Target) -> Tensor:
     """Class indices ``(B,)`` from labels, soft targets ``(B, C)`` or a :class:`MixedTarget`.
 
     For a mixed target this is the class with the larger weight, which is what a train
-    accuracy on mixed batches can be measured against.
+    accuracy on mixed batches can be measured against: ``(logits.argmax(1) ==
+    dominant_class(y)).float().mean()``. Binary float labels ``(B,)`` or ``(B, 1)`` give 1 where
+    the label is at least 0.5 (int64, same shape); class maps give maps.
 
     Example:
         >>> dominant_class(torch.tensor([[0.3, 0.7], [0.9, 0.1]]))
@@ -33,6 +36,8 @@ def dominant_class(target: Target) -> Tensor:
     """
     if isinstance(target, MixedTarget):
         return torch.where(_rows(target.lam, target.y_a) >= 0.5, target.y_a, target.y_b)
+    if _is_binary(target):
+        return (target >= 0.5).long()  # the side weighing more
     if target.is_floating_point():
         return target.argmax(dim=-1)
     return target
@@ -45,10 +50,16 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     accuracy against both labels weighted by lam; for class indices it is plain accuracy. For
     class maps ``(B, d1, ...)`` (``class_axis`` of the logits given) the credit is per entry.
 
+    Binary float labels ``(B,)`` or ``(B, 1)`` with one logit per row: the class predicted is
+    ``logit > 0``, credited ``y`` when 1 and ``1 - y`` when 0.
+
     Example:
         >>> mixed_accuracy(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3]] * 2))
         tensor([0.7000, 0.3000])
     """
+    if _is_binary(target):
+        side = predicted_class(logits, target).float()
+        return (side * target + (1 - side) * (1 - target)).reshape(-1).float()
     pred = logits.argmax(dim=class_axis)
     if isinstance(target, MixedTarget):
         lam = _rows(target.lam, pred).float()
@@ -56,6 +67,23 @@ def mixed_accuracy(logits: Tensor, target: Target, class_axis: int = -1) -> Tens
     if target.is_floating_point():
         return target.gather(-1, pred.unsqueeze(-1)).squeeze(-1).float()
     return (pred == target).float()
+
+
+def _is_binary(target: Target) -> TypeGuard[Tensor]:
+    """Float binary labels ``(B,)`` or ``(B, 1)`` (for one logit per row)."""
+    return (
+        isinstance(target, Tensor)
+        and target.is_floating_point()
+        and (target.ndim == 1 or target.shape[-1] == 1)
+    )
+
+
+def predicted_class(logits: Tensor, target: Target, class_axis: int = -1) -> Tensor:
+    """The class ``logits`` predict, in the form of ``dominant_class(target)``: ``logit > 0``
+    as int64 of the target's shape for binary labels, else the argmax over ``class_axis``."""
+    if _is_binary(target) and logits.numel() == target.numel():
+        return (logits > 0).long().reshape(target.shape)
+    return logits.argmax(dim=class_axis)
 
 
 def _check_maps(logits: Tensor, target: Target, ignore_index: int, axis: int | None) -> None:
@@ -75,13 +103,47 @@ def _rows(lam: Tensor, like: Tensor) -> Tensor:
 
 
 def find_num_classes(module: object) -> int | None:
-    """``module.num_classes``, else ``module.hparams["num_classes"]``, else None."""
-    value = getattr(module, "num_classes", None)
-    if value is None:
-        hparams = getattr(module, "hparams", None)
-        if isinstance(hparams, Mapping):
-            value = hparams.get("num_classes")
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """``module.num_classes``, else ``module.hparams["num_classes"]``, else
+    ``hparams["num_labels"]`` (Hugging Face's name), else the ``config.num_labels`` of a
+    Hugging Face classifier inside the module (a ``*For...Classification`` model: other models'
+    configs default num_labels to 2 whatever the task), else None."""
+    hparams = getattr(module, "hparams", None)
+    hparams = hparams if isinstance(hparams, Mapping) else {}
+    candidates = [getattr(module, "num_classes", None), *map(hparams.get, _CLASS_KEYS)]
+    if isinstance(module, torch.nn.Module):
+        candidates += [
+            getattr(m.config, "num_labels", None) for m in module.modules() if _is_hf_classifier(m)
+        ]
+    for value in candidates:
+        if value is not None:
+            return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return None
+
+
+_CLASS_KEYS = ("num_classes", "num_labels")
+
+
+def _is_hf_classifier(module: torch.nn.Module) -> bool:
+    name = type(module).__name__
+    return hasattr(getattr(module, "config", None), "num_labels") and (
+        "For" in name and name.endswith("Classification")
+    )
+
+
+def missing_classes_hint(module: object) -> str:
+    """Where num_classes can be given for ``module``, for the error when none was found: no
+    advice to call ``save_hyperparameters()`` when the module already has saved ones."""
+    hparams = getattr(module, "hparams", None)
+    if isinstance(hparams, Mapping) and hparams:
+        return (
+            "pass ManifoldMixupCallback(num_classes=...), set self.num_classes on the "
+            f"LightningModule, or add num_classes (or num_labels) to its saved hyperparameters "
+            f"(self.hparams has {sorted(map(str, hparams))})"
+        )
+    return (
+        "pass ManifoldMixupCallback(num_classes=...), set self.num_classes on the "
+        "LightningModule, or save it with self.save_hyperparameters()"
+    )
 
 
 class ManifoldMixupMixin:
@@ -162,7 +224,12 @@ class ManifoldMixupMixin:
         :meth:`log_train_metrics`. With ``Trainer(barebones=True)`` nothing is logged.
         """
         input_key, target_key = self.mixup_batch_keys()
-        x, y = batch[input_key], batch[target_key]
+        try:
+            x, y = batch[input_key], batch[target_key]
+        except TypeError:
+            if not is_dataclass_batch(batch):
+                raise
+            x, y = getattr(batch, input_key), getattr(batch, target_key)
         logits = self(x)  # type: ignore[operator]
         loss = self.mixup_loss(logits, y)
         self.log_train_metrics(loss, logits, y)
@@ -203,7 +270,7 @@ class ManifoldMixupMixin:
             maps = target.y_a if isinstance(target, MixedTarget) else target
             axis = class_axis(detached, tuple(maps.shape), self.mixup_class_axis)
             valid = (dominant != self.mixup_ignore_index).float()
-        hits = (detached.argmax(axis) == dominant).float()
+        hits = (predicted_class(detached, target, axis) == dominant).float()
         credit = mixed_accuracy(detached, target, axis).float()
         if valid is None:
             accuracy, mixed = hits.mean(), credit.mean()
@@ -245,6 +312,11 @@ class ManifoldMixupMixin:
         )
 
 
+def is_dataclass_batch(batch: Any) -> bool:
+    """A dataclass instance as the batch: its fields are read and written by name."""
+    return dataclasses.is_dataclass(batch) and not isinstance(batch, type)
+
+
 def _batch_keys(module: object) -> tuple[Any, Any]:
     """``(input_key, target_key)`` of the fit's ``ManifoldMixupCallback``, else ``(0, 1)``."""
     trainer = getattr(module, "_trainer", None)
@@ -257,10 +329,22 @@ def _batch_keys(module: object) -> tuple[Any, Any]:
 
 NO_MIXIN = (
     "ManifoldMixupCallback: {name} does not use ManifoldMixupMixin, so training_step receives "
-    "mixed targets as they are: integer class labels arrive as float (B, num_classes) soft "
-    "targets (or MixedTarget pairs). Make sure its loss accepts them (F.cross_entropy does, "
-    "F.nll_loss does not), or subclass ManifoldMixupMixin and use mixup_loss."
+    "the targets as the callback writes them, on every training batch (unmixed ones with "
+    "lam 1): {arrive}. Make sure its loss accepts them (F.cross_entropy takes soft targets, "
+    "F.nll_loss does not), or subclass ManifoldMixupMixin and use mixup_loss. Training "
+    "metrics (torchmetrics Accuracy, argmax == y) need class indices: compare with "
+    "lightning_manifold_mixup.dominant_class(y), e.g. "
+    "self.train_acc(logits, dominant_class(y))."
 )
+
+ARRIVE = {
+    "soft": "integer class labels (B,) arrive as float32 (B, num_classes) soft targets, "
+    "integer class maps (B, d1, ...) as MixedTarget pairs, and float targets (binary, "
+    "one-hot, multi-label, regression) keep their shape and dtype, blended",
+    "pair": "integer class labels (B,) and class maps (B, d1, ...) arrive as MixedTarget "
+    "pairs (y_a, y_b, lam), and float targets (binary, one-hot, multi-label, regression) "
+    "keep their shape and dtype, blended",
+}
 
 
 def builds_layers_later(pl_module: pl.LightningModule) -> bool:
@@ -329,9 +413,9 @@ def check_compile(pl_module: torch.nn.Module) -> None:
         )
 
 
-def check_module(pl_module: torch.nn.Module) -> None:
+def check_module(pl_module: torch.nn.Module, targets: str = "soft") -> None:
     """At fit start: a compiled module needs a recent torch; a module without the mixin is
-    warned that its loss receives mixed targets as they are."""
+    warned what its loss and metrics receive (``targets``: the callback's target mode)."""
     check_compile(pl_module)
     if not isinstance(pl_module, ManifoldMixupMixin):
-        rank_zero_warn(NO_MIXIN.format(name=type(pl_module).__name__))
+        rank_zero_warn(NO_MIXIN.format(name=type(pl_module).__name__, arrive=ARRIVE[targets]))

@@ -19,7 +19,8 @@ class MixStyle(MixPolicy):
     On ``(B, C, ...)`` features, ``mu`` and ``sigma = sqrt(var + eps)`` are taken per sample
     and channel over the remaining axes (unbiased variance), detached as in the paper; the
     output is ``(h - mu) / sigma * sigma_mix + mu_mix`` with ``mu_mix = lam * mu + (1 - lam) *
-    mu_partner`` and ``sigma_mix`` alike. The targets are untouched.
+    mu_partner`` and ``sigma_mix`` alike. The targets are untouched (handed to training_step
+    as an unmixed batch's, lam 1).
 
     Args:
         p: chance in [0, 1] that a mixed batch is restyled (else it is left alone).

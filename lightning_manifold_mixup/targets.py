@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,6 +43,38 @@ class MixedTarget(NamedTuple):
     y_a: Tensor
     y_b: Tensor
     lam: Tensor
+
+    def to(self, *args: Any, **kwargs: Any) -> MixedTarget:
+        """The pair moved or cast as a tensor's ``to`` would: a device moves all three, a
+        dtype applies to the labels (integer dtypes only; lam stays float32).
+
+        Example:
+            >>> t = MixedTarget(torch.tensor([0]), torch.tensor([1]), torch.tensor(0.25))
+            >>> t.to("cpu", torch.int64).y_b
+            tensor([1])
+        """
+        y_a = self.y_a.to(*args, **kwargs)
+        if y_a.is_floating_point() or y_a.is_complex():
+            raise TypeError(
+                f"MixedTarget.to: class labels cannot become {y_a.dtype}; a float target would "
+                "be a soft target. Keep the labels integer and compute the loss with "
+                "mixup_loss(logits, target)."
+            )
+        y_b = self.y_b.to(*args, **kwargs)
+        return MixedTarget(y_a, y_b, self.lam.to(device=y_a.device))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only for names a tuple lacks: user code that treats the target as a tensor
+        # (mask.long(), y.shape) gets the way out instead of a bare AttributeError.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"'MixedTarget' has no tensor attribute {name!r}: a mixed target is a pair of "
+            "class labels or maps (y_a, y_b) and their weight lam, not one tensor. Compute the "
+            "loss with lightning_manifold_mixup.mixup_loss(logits, target) (or "
+            "ManifoldMixupMixin.mixup_loss), train metrics against dominant_class(target); "
+            ".to(device) moves it."
+        )
 
 
 def one_hot_mix(y: Tensor, lam: Tensor, index: Tensor, num_classes: int) -> Tensor:
@@ -260,6 +293,11 @@ class TargetMixer:
         self.num_classes = num_classes
         self.checked = False
         self._eye: Tensor | None = None
+        # Where num_classes could come from, for the error when it is missing.
+        self.missing = (
+            "pass ManifoldMixupCallback(num_classes=...), set self.num_classes on the "
+            "LightningModule, or save it with self.save_hyperparameters()"
+        )
 
     def mix(
         self, y: Tensor, lam: Tensor, partner: Partner, rule: TargetRule, box: Box | None = None
@@ -268,17 +306,37 @@ class TargetMixer:
         or ``(B,)``, ``partner`` gives the partner rows of a tensor. ``"paste"``: a CutMix
         batch, whose ``box`` is given once placed (``lam`` is then its kept area); a box placed
         later at a hidden layer gets the targets rewritten by :meth:`correct`. ``"keep"``: the
-        targets as they are."""
+        targets as an unmixed batch's (:meth:`unmixed`)."""
         if rule == "keep":
-            return y
+            return self.unmixed(y)
         kind = kind_of(y)
         if rule == "paste":
             return kind.cut(self, y, lam, partner, box)
         return kind.blend(self, y, lam, partner)
 
+    def unmixed(self, y: Tensor) -> Any:
+        """The targets of a batch that is not mixed, in the form a mixed batch's take (lam 1),
+        so ``training_step`` sees one format for the whole fit: float targets as they are,
+        class labels as one-hot float32 ``(B, C)`` (a :class:`MixedTarget` ``(y, y, 1)`` with
+        ``mode="pair"``), class maps as a :class:`MixedTarget` ``(y, y, 1)``. Also the targets
+        of a policy that keeps them (MixStyle).
+
+        Example:
+            >>> TargetMixer("soft", num_classes=3).unmixed(torch.tensor([2, 0]))
+            tensor([[0., 0., 1.],
+                    [1., 0., 0.]])
+        """
+        kind = kind_of(y)
+        if kind is FLOAT:
+            return y
+        rows = torch.arange(y.shape[0], device=y.device)
+        return kind.blend(
+            self, y, lam_tensor(1.0, y.device), functools.partial(permute_rows, index=rows)
+        )
+
     def soft(self, y: Tensor, lam: Tensor, partner: Partner) -> Tensor:
         """Soft targets ``(B, num_classes)`` of int64 labels ``(B,)``, range checked once."""
-        num_classes = self._classes()
+        num_classes = self._classes(y)
         if not self.checked:
             self.checked = True
             # With the partners' labels: under global pairing they are other ranks' rows, and
@@ -314,12 +372,18 @@ class TargetMixer:
         elif isinstance(target, Tensor) and rule != "keep":
             target.copy_(self.mix(original, lam, partner, rule, box))
 
-    def _classes(self) -> int:
+    def _classes(self, y: Tensor) -> int:
         if self.num_classes is None:
+            binary = ""
+            if y.numel() and int(y.min()) >= 0 and int(y.max()) <= 1:  # only on this error path
+                binary = (
+                    "The labels are all 0 or 1: for a binary classifier with one output logit "
+                    "(BCE), make them float instead (y.float() in the dataset or collate_fn): "
+                    "float labels are blended as they are and need no num_classes. "
+                )
             raise ValueError(
-                "integer class labels need num_classes to become soft targets: pass "
-                "ManifoldMixupCallback(num_classes=...), set self.num_classes on the "
-                "LightningModule, or save it with self.save_hyperparameters()"
+                f"{binary}integer class labels need num_classes to become soft targets: "
+                + self.missing
             )
         return self.num_classes
 

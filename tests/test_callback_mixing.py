@@ -172,14 +172,16 @@ def test_float_targets_are_mixed_without_one_hot() -> None:
         torch.testing.assert_close(rec["y"], _expected(y[4 * step : 4 * step + 4], d.lam, d.index))
 
 
-def test_probability_zero_leaves_batches_untouched() -> None:
+def test_probability_zero_leaves_inputs_untouched_and_labels_one_hot() -> None:
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     model = Probe(nn.Sequential(nn.Linear(6, 3)), 3, None, None)
     cb = ManifoldMixupCallback(layers=["input"], probability=0.0, seed=2)
     quiet_trainer(max_steps=2, callbacks=[cb]).fit(model, _loader(x, y, 4))
     assert all(r["decision"] is None for r in model.records)
     torch.testing.assert_close(torch.cat([r["x"] for r in model.records]), x)
-    torch.testing.assert_close(torch.cat([r["y"] for r in model.records]), y)
+    # Unmixed batches get the mixed batches' target format: one-hot soft targets.
+    one_hot = torch.nn.functional.one_hot(y, 3).float()
+    torch.testing.assert_close(torch.cat([r["y"] for r in model.records]), one_hot)
 
 
 class RecurrentNet(nn.Module):

@@ -181,7 +181,8 @@ def test_mixstyle_mixes_channel_statistics_as_the_hand_computation_and_keeps_tar
         mu_mix = lam * mu + (1 - lam) * mu[d.index]
         sig_mix = lam * sig + (1 - lam) * sig[d.index]
         torch.testing.assert_close(r["seen"], (h - mu) / sig * sig_mix + mu_mix)
-        assert torch.equal(r["y"], y[4 * step : 4 * step + 4])  # the labels, untouched
+        # the labels untouched: in the form of an unmixed batch's (lam 1)
+        assert torch.equal(r["y"], torch.eye(3)[y[4 * step : 4 * step + 4]])
 
 
 def test_mixstyle_statistics_are_detached() -> None:

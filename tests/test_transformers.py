@@ -164,7 +164,8 @@ def test_labels_passed_by_keyword_are_refused_also_on_batches_that_are_not_mixed
 
     model = TextClassifier(tiny_bert(), step=step)
     trainer = quiet_trainer(max_steps=3, callbacks=[callback(probability=0.0)])
-    with pytest.raises(RuntimeError, match=r"called with the training targets.*class labels"):
+    # Unmixed batches carry the targets in the mixed form (one-hot soft targets).
+    with pytest.raises(RuntimeError, match=r"called with the training targets.*soft targets"):
         trainer.fit(model, loader())
     assert trainer.global_step == 0
     assert model.model.config.problem_type is None
@@ -378,12 +379,8 @@ def test_automatic_selection_picks_the_blocks_of_bert_gpt2_vit_and_llama() -> No
             num_labels=CLASSES,
         )
     )
-    # The encoder blocks, and the pooled [CLS] vector after the pooler's activation
-    assert candidate_layers(tiny_bert()) == [
-        "bert.encoder.layer.0",
-        "bert.encoder.layer.1",
-        "bert.pooler.activation",
-    ]
+    # The encoder blocks (per-token states), not the pooled [CLS] vector
+    assert candidate_layers(tiny_bert()) == ["bert.encoder.layer.0", "bert.encoder.layer.1"]
     assert candidate_layers(tiny_gpt2()) == ["transformer.h.0", "transformer.h.1"]
     assert [n.rsplit(".", 1)[-1] for n in candidate_layers(vit)] == ["0", "1"]
     llama = transformers.LlamaForSequenceClassification(
@@ -449,7 +446,8 @@ def test_albert_shared_layers_that_run_at_several_depths_are_not_selected(
     albert(input_ids=torch.randint(2, VOCAB, (2, 5)))
     assert len(runs) == groups * inner
     assert all(count == 4 // groups for count in runs.values())
-    assert candidate_layers(albert) == ["albert.pooler_activation"]
+    # The per-token embeddings' output instead of the shared blocks, not the pooled output
+    assert candidate_layers(albert) == ["albert.embeddings"]
 
 
 @pytest.mark.slow
