@@ -150,10 +150,13 @@ class MixDecision:
         object.__setattr__(self, "lam", lam)
 
     @classmethod
-    def of(cls, draw: Draw, eligible: list[str], device: torch.device, policy: Any) -> MixDecision:
-        """The decision of ``draw`` mixed by ``policy``, permutation and lam on ``device``."""
+    def of(
+        cls, draw: Draw, eligible: list[str], device: torch.device, policy: Any = None
+    ) -> MixDecision:
+        """The decision of ``draw`` mixed by ``policy`` (None: not said), permutation and lam
+        on ``device``."""
         index = host_to_device(draw.perm, device)
-        center = draw.box_center if policy.boxed else None
+        center = draw.box_center if policy is not None and policy.boxed else None
         return cls(
             eligible[draw.layer],
             draw.layer,
