@@ -298,29 +298,27 @@ def count_other_tree(tree: Path, warmup: int, steps: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def print_detail(counts: dict[str, Any], callback: str, peer: str, top: int) -> None:
-    """The operations and the functions whose per-step counts differ most between the callback
-    and the peer, less Lightning's charge for any callback (floor minus plain) when both ran."""
+def print_detail(counts: dict[str, Any], callback: str, key: str, peer: str, top: int) -> None:
+    """The operations (``key="by_op"``) or functions (``"by_fn"``) whose per-step counts differ
+    most between the callback and the peer, less Lightning's charge for any callback (floor
+    minus plain) when both ran; functions are also summed by the folder of their file."""
     terms = [(1.0, counts[callback]), (-1.0, counts[peer])]
     if "floor" in counts and "plain" in counts:
         terms += [(-1.0, counts["floor"]), (1.0, counts["plain"])]
     less = ", less floor minus plain" if len(terms) == 4 else ""
-    for key, what in (("by_op", "tensor operations"), ("by_fn", "Python calls")):
-        names = {n for _, run in terms for n in run[key]}
-        extra = {n: sum(sign * run[key].get(n, 0.0) for sign, run in terms) for n in names}
-        print(f"\n{what} per step, {callback} minus {peer}{less}: {sum(extra.values()):+.1f}")
-        if key == "by_fn":
-            folders: Counter[str] = Counter()
-            for n, d in extra.items():
-                folders[n.split(":")[0].rsplit("/", 1)[0]] += d
-            shown = (f"{f} {d:+.1f}" for f, d in folders.most_common() if abs(d) >= 0.5)
-            print("  by folder: " + ", ".join(shown))
-        shown_names = sorted(
-            (n for n in names if abs(extra[n]) >= 0.5), key=lambda n: -abs(extra[n])
-        )
-        for n in shown_names[:top]:
-            mine, theirs = counts[callback][key].get(n, 0.0), counts[peer][key].get(n, 0.0)
-            print(f"  {extra[n]:+8.1f}  {n}  ({callback} {mine:.1f}, {peer} {theirs:.1f})")
+    names = {n for _, run in terms for n in run[key]}
+    extra = {n: sum(sign * run[key].get(n, 0.0) for sign, run in terms) for n in names}
+    what = "tensor operations" if key == "by_op" else "Python calls"
+    print(f"\n{what} per step, {callback} minus {peer}{less}: {sum(extra.values()):+.1f}")
+    if key == "by_fn":
+        folders: Counter[str] = Counter()
+        for n, d in extra.items():
+            folders[n.split(":")[0].rsplit("/", 1)[0]] += d
+        shown = (f"{f} {d:+.1f}" for f, d in folders.most_common() if abs(d) >= 0.5)
+        print("  by folder: " + ", ".join(shown))
+    for n in sorted((n for n in names if abs(extra[n]) >= 0.5), key=lambda n: -abs(extra[n]))[:top]:
+        mine, theirs = counts[callback][key].get(n, 0.0), counts[peer][key].get(n, 0.0)
+        print(f"  {extra[n]:+8.1f}  {n}  ({callback} {mine:.1f}, {peer} {theirs:.1f})")
 
 
 def main() -> None:
@@ -383,9 +381,11 @@ def main() -> None:
                 f"target: {cb} {what} the best peer in {key}: {mine:.1f} against {best} "
                 f"{theirs:.1f} ({mine / theirs:.3f}x): {met}"
             )
-    if args.detail:
+    if args.detail:  # against the best peer in each count
         for cb in (c for c in CALLBACKS if c in counts and peers):
-            print_detail(counts, cb, min(peers, key=lambda p: counts[p]["calls"]), args.top)
+            for key, total in (("by_op", "ops"), ("by_fn", "calls")):
+                best = min(peers, key=lambda p: counts[p][total])
+                print_detail(counts, cb, key, best, args.top)
 
     from _common import machine, write_json  # here: the --tree subprocess needs neither
 
