@@ -2,10 +2,9 @@
 
 Each variant is a real ``Trainer.fit`` of the same small CNN (conv 3-8, max pool, conv 8-16,
 global average pool, linear 16-10) on the same batches of 32 images 3x8x8 (a step of a few
-milliseconds, much of it host work), with the defaults
-a user has (a CSV logger, ``log_every_n_steps=50``) and the loss logged as most users log it
-(``self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)``); only how the
-batch is mixed differs:
+milliseconds, much of it host work), with the defaults a user has (a CSV logger,
+``log_every_n_steps=50``) and the loss logged as most users log it (``self.log("train_loss",
+loss, on_step=True, on_epoch=True, prog_bar=True)``); only how the batch is mixed differs:
 
   plain        no mixing, no callback
   floor        plain + an empty ``lightning.Callback``: what Lightning charges for any callback
@@ -20,12 +19,12 @@ batch is mixed differs:
   by_hand      mixup written by hand in training_step, as the mixup paper's code: a numpy
                Beta(1, 1) lam, ``torch.randperm``, ``lam * CE(y_a) + (1 - lam) * CE(y_b)``
 
-Counted (as ``host_work.py`` counts): tensor operations dispatched (``TorchDispatchMode``) and
-Python function calls (``sys.setprofile``) per step, over ``--count-steps`` steps after
-``--warmup``. Timed: one fit per variant per round, variants interleaved, the steps after
-``--warmup`` timed, median over ``--rounds`` (1 torch thread). The targets (issue 26): the
-callback at or below the best peer (timm, torchvision, by hand) in operations, and within 5 %
-of it in Python calls.
+Counted as ``host_work.py`` counts, but each count in a fit of its own: tensor operations
+dispatched (``TorchDispatchMode``) and Python function calls (``sys.setprofile``, without the
+counting mode's own calls) per step, over ``--count-steps`` steps after ``--warmup``. Timed:
+one fit per variant per round, variants interleaved, the steps after ``--warmup`` timed, median
+over ``--rounds`` (1 torch thread). The targets (issue 26): the callback at or below the best
+peer (timm, torchvision, by hand) in operations, and within 5 % of it in Python calls.
 
     python benchmarks/peers.py                          # counts and times, about 1-2 minutes
     python benchmarks/peers.py --quick                  # a smoke run
@@ -387,7 +386,9 @@ def main() -> None:
                 best = min(peers, key=lambda p: counts[p][total])
                 print_detail(counts, cb, key, best, args.top)
 
-    from _common import machine, write_json  # here: the --tree subprocess needs neither
+    # Imported here, not at the top: _common imports the tests' helpers of this checkout, which
+    # need not fit the package of another checkout that the --tree subprocess imports.
+    from _common import machine, write_json
 
     write_json(
         "peers",
