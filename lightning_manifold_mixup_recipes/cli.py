@@ -125,6 +125,7 @@ def _experiment_parser() -> argparse.ArgumentParser:
     flat.add_argument(
         "--train-size", type=int, default=None, help="mnist: training images (default all)"
     )
+    flat.add_argument("--test-size", type=int, default=None, help="mnist: test images (all)")
     _add_common_real(flat)
     flat.add_argument("--holdout", action="store_true", help=HOLDOUT_HELP)
     flat.add_argument("--accelerator", default="cpu")
@@ -197,6 +198,7 @@ def _run_paper_flattening(args: argparse.Namespace) -> None:
         bottleneck=args.bottleneck,
         epochs=epochs,
         train_size=args.train_size,
+        test_size=args.test_size,
         data_dir=args.data_dir,
         cache_dir=_cache(args),
     )

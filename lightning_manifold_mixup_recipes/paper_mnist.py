@@ -72,6 +72,7 @@ def flattening_preset(
     bottleneck: int = 12,
     epochs: int = FLATTENING_EPOCHS,
     train_size: int | None = None,
+    test_size: int | None = None,
     data_dir: str | None = None,
     encoder: Sequence[int] = (1024, 1024, 1024),
     decoder: Sequence[int] = (1024, 1024, 1024, 1024),
@@ -90,6 +91,7 @@ def flattening_preset(
             seed=seed,
             val_fraction=0.1 if holdout else 0.0,
             train_size=train_size,
+            test_size=test_size,
         )
 
     def backbone() -> nn.Module:
@@ -105,7 +107,8 @@ def flattening_preset(
         weight_decay=0.0,
         alphas={"input": ALPHA, "manifold": ALPHA},
         cosine=False,
-        tag=f"b{bottleneck}-e{epochs}-n{train_size or TRAIN_IMAGES}",
+        tag=f"b{bottleneck}-e{epochs}-n{train_size or TRAIN_IMAGES}"
+        + ("" if test_size is None else f"-test{test_size}"),
     )
 
 
@@ -149,6 +152,7 @@ def flattening(
     bottleneck: int = 12,
     epochs: int = FLATTENING_EPOCHS,
     train_size: int | None = None,
+    test_size: int | None = None,
     data_dir: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -158,13 +162,19 @@ def flattening(
     Returns per method one dict per seed: ``seed``, ``test_err``, and for ``bottleneck`` and
     ``hidden1`` (the first hidden layer) ``*_sigma1`` and ``*_rest`` (the largest singular
     value and the sum of the others, each averaged over the 10 classes) and ``*_spectrum``
-    (the mean per-class spectrum, up to 32 values). With ``cache_dir`` each run is stored and
-    read back instead of retrained, so a killed run resumes.
+    (the mean per-class spectrum, up to 32 values). ``train_size``/``test_size``: use that many
+    training / test images (quick runs). With ``cache_dir`` each run is stored and read back
+    instead of retrained, so a killed run resumes.
     """
     from tqdm.auto import tqdm
 
     preset = flattening_preset(
-        dataset, bottleneck=bottleneck, epochs=epochs, train_size=train_size, data_dir=data_dir
+        dataset,
+        bottleneck=bottleneck,
+        epochs=epochs,
+        train_size=train_size,
+        test_size=test_size,
+        data_dir=data_dir,
     )
     jobs = [(m, s) for s in seeds for m in METHODS]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
@@ -227,6 +237,7 @@ def bottleneck_2d(
     *,
     epochs: int = FLATTENING_EPOCHS,
     train_size: int | None = None,
+    test_size: int | None = None,
     data_dir: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Appendix B, Figure 5: 784 -> 2 x 1024 -> 2 (+ BatchNorm) -> 2 x 1024 -> 10, per method.
@@ -239,6 +250,7 @@ def bottleneck_2d(
         bottleneck=2,
         epochs=epochs,
         train_size=train_size,
+        test_size=test_size,
         data_dir=data_dir,
         encoder=(1024, 1024),
         decoder=(1024, 1024),
