@@ -72,6 +72,16 @@ CACHE_HELP = (
 )
 
 
+def default_seeds(command: str, dataset: str) -> list[int]:
+    """The seeds a command runs when ``--seeds`` is not given: for ``compare`` ones no search
+    used (the searches used 0 and 1), five on real images; for ``flattening`` 0 (0-4 on real
+    images, where nothing is chosen)."""
+    real = dataset in ("mnist", "fashion-mnist")
+    if command == "compare":
+        return REAL_SEEDS if real else [10, 11, 12]
+    return FLATTENING_SEEDS if real else [0]
+
+
 def _add_common_real(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST/Fashion IDX files")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=CACHE_HELP)
@@ -151,7 +161,7 @@ def run_experiment(argv: Sequence[str]) -> None:
         _run_paper_flattening(args)
     elif args.command == "flattening":
         if args.seeds is None:
-            args.seeds = [0]
+            args.seeds = default_seeds("flattening", args.dataset)
         flat = analysis.flattening(
             args.dataset,
             seeds=args.seeds,
@@ -191,7 +201,7 @@ def _run_paper_flattening(args: argparse.Namespace) -> None:
     from lightning_manifold_mixup_recipes.experiments import summarize
 
     epochs = paper_mnist.FLATTENING_EPOCHS if args.epochs is None else args.epochs
-    seeds = FLATTENING_SEEDS if args.seeds is None else args.seeds
+    seeds = default_seeds("flattening", args.dataset) if args.seeds is None else args.seeds
     results = paper_mnist.flattening(
         args.dataset,
         seeds,
@@ -224,7 +234,7 @@ def _run_compare(args: argparse.Namespace) -> None:
 
     real = args.dataset in ex.REAL_DATASETS
     if args.seeds is None:
-        args.seeds = REAL_SEEDS if real else [10, 11, 12]
+        args.seeds = default_seeds("compare", args.dataset)
 
     alphas = {
         k: v
