@@ -87,6 +87,11 @@ def _add_common_real(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=CACHE_HELP)
     parser.add_argument("--no-cache", action="store_true", help="train every run afresh")
     parser.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: tabulate the runs already in the cache (the others are left out)",
+    )
+    parser.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -196,6 +201,15 @@ def _write_json(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         args.json.write_text(json.dumps(summary, indent=1))
 
 
+def _finished(results: dict[str, list[dict[str, Any]]]) -> str:
+    """With ``--cached-only``: which seeds each method has finished (empty when all ran)."""
+    done = {m: [r.get("seed") for r in runs] for m, runs in results.items()}
+    counts = {len(v) for v in done.values()}
+    if len(counts) == 1:
+        return f" ({counts.pop()} runs per method)"
+    return " (finished seeds: " + "; ".join(f"{m} {v}" for m, v in done.items()) + ")"
+
+
 def _run_paper_flattening(args: argparse.Namespace) -> None:
     from lightning_manifold_mixup_recipes import paper_mnist
     from lightning_manifold_mixup_recipes.experiments import summarize
@@ -211,13 +225,14 @@ def _run_paper_flattening(args: argparse.Namespace) -> None:
         test_size=args.test_size,
         data_dir=args.data_dir,
         cache_dir=_cache(args),
+        cached_only=args.cached_only,
     )
     images = args.train_size or paper_mnist.TRAIN_IMAGES
     title = (
         f"{args.dataset}: Appendix G network, {args.bottleneck}-unit bottleneck, seeds {seeds}, "
         f"Adam lr {paper_mnist.LR:g}, batch {paper_mnist.BATCH}, {epochs} epochs on {images} "
         f"training images, alpha {paper_mnist.ALPHA:g}; per-class singular values of the test "
-        "representations, averaged over classes, mean ± std over seeds"
+        "representations, averaged over classes, mean ± std over seeds" + _finished(results)
     )
     print(paper_mnist.format_flattening(results, title))
     summary = {
@@ -253,6 +268,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         accelerator=args.accelerator,
         cache_dir=_cache(args) if real else None,
         preset=ex.with_data_dir(args.dataset, args.data_dir),
+        cached_only=args.cached_only,
     )
     preset = ex.PRESETS[args.dataset]
     lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}
@@ -266,6 +282,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         f"{args.dataset}: seeds {args.seeds}, {protocol}, mean ± std, "
         + ", ".join(f"{k} {v:g}" for k, v in recipe.items())
         + f", FGSM eps={args.fgsm_eps} (in the units of the datamodule's inputs)"
+        + _finished(results)
     )
     print(ex.format_table(results, title))
     paired = ex.format_paired(results)

@@ -461,6 +461,8 @@ def format_table(results: dict[str, list[dict[str, Any]]], title: str) -> str:
         "|---" * (len(cols) + 1) + "|",
     ]
     for method, runs in results.items():
+        if not runs:  # none finished (tables of cached runs only)
+            continue
         cells = [_mean_std([r[key] for r in runs]) for key, _ in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -533,13 +535,13 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
 def paired_difference(
     results: dict[str, list[dict[str, Any]]], a: str = "manifold", b: str = "input"
 ) -> dict[str, list[float]]:
-    """Per seed, ``a``'s metric minus ``b``'s, for the metrics both have; {} unless both ran
-    on the same seeds (runs carry their ``seed``)."""
+    """Per seed that both ran (runs carry their ``seed``), ``a``'s metric minus ``b``'s, for the
+    metrics both have, in ``a``'s order; {} where they share no seed."""
     if a not in results or b not in results:
         return {}
-    by_seed = {r.get("seed"): r for r in results[b]}
-    pairs = [(r, by_seed[r.get("seed")]) for r in results[a] if r.get("seed") in by_seed]
-    if not pairs or len(pairs) != len(results[a]) or None in by_seed:
+    by_seed = {r["seed"]: r for r in results[b] if "seed" in r}
+    pairs = [(r, by_seed[r["seed"]]) for r in results[a] if r.get("seed") in by_seed]
+    if not pairs:
         return {}
     keys = [k for k, v in pairs[0][0].items() if isinstance(v, float) and k in pairs[0][1]]
     return {k: [float(ra[k]) - float(rb[k]) for ra, rb in pairs] for k in keys}
@@ -575,6 +577,7 @@ def compare(
     progress: bool = True,
     cache_dir: str | Path | None = None,
     preset: Preset | None = None,
+    cached_only: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts.
 
@@ -589,7 +592,8 @@ def compare(
     ``curve`` (``[[step, error %], ...]``, on the split named by ``curve_split``). With
     ``cache_dir`` every finished run is stored there (:func:`run_key`) and read back instead of
     trained again, so a killed comparison resumes where it stopped. ``preset`` replaces the
-    named dataset's preset (for example one reading another data directory).
+    named dataset's preset (for example one reading another data directory). ``cached_only``
+    trains nothing: runs missing from the cache are left out (tables of finished runs).
     """
     from tqdm.auto import tqdm
 
@@ -627,6 +631,8 @@ def compare(
             )
             path = None if cache is None else cache / key
             result = read_cached(path)
+            if result is None and cached_only:
+                continue
             if result is None:
                 curve = [ErrorCurve(recipe.curve_every)] if recipe.curve_every > 0 else []
                 model, dm = train(

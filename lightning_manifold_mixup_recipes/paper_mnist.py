@@ -157,6 +157,7 @@ def flattening(
     data_dir: str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    cached_only: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train the Appendix G network per method and seed; measure the test representations.
 
@@ -165,7 +166,8 @@ def flattening(
     value and the sum of the others, each averaged over the 10 classes) and ``*_spectrum``
     (the mean per-class spectrum, up to 32 values). ``train_size``/``test_size``: use that many
     training / test images (quick runs). With ``cache_dir`` each run is stored and read back
-    instead of retrained, so a killed run resumes.
+    instead of retrained, so a killed run resumes; ``cached_only`` trains nothing and leaves out
+    the runs missing from the cache.
     """
     from tqdm.auto import tqdm
 
@@ -194,6 +196,8 @@ def flattening(
                 path = Path(cache_dir) / "flattening" / dataset / preset.tag
                 path = path / f"{method}-seed{seed}.json"
             result = read_cached(path)
+            if result is None and cached_only:
+                continue
             if result is None:
                 model, dm = train(preset, method, seed, progress=bar if progress else None)
                 dm.setup("test")
@@ -224,6 +228,8 @@ def format_flattening(results: dict[str, list[dict[str, Any]]], title: str) -> s
         "|---" * (len(FLATTENING_COLUMNS) + 1) + "|",
     ]
     for method in results:
+        if not results[method]:
+            continue
         cells = [
             f"{summary[method][k]['mean']:.2f} ± {summary[method][k]['std']:.2f}"
             for k, _ in FLATTENING_COLUMNS

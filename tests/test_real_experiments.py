@@ -141,6 +141,10 @@ def test_a_killed_compare_resumes_and_trains_only_the_missing_runs(
     assert len(files) == 3
     # A run "killed" before it finished leaves no file (or a half-written one): retrained alone.
     files[0].unlink()
+    monkeypatch.setattr(ex, "train", _no_training)
+    finished = ex.compare("mnist", seeds=(3,), progress=False, cached_only=True, **kwargs)
+    assert sum(len(runs) for runs in finished.values()) == 2  # the missing run left out
+    monkeypatch.undo()
     trained: list[str] = []
     real_train = ex.train
 
@@ -224,7 +228,9 @@ def test_summary_and_paired_difference_follow_the_seeds() -> None:
     assert "seed" not in summary["none"] and "curve" not in summary["manifold"]
     # manifold - input per seed: 2.5 - 3.0 and 4.5 - 4.0, whatever order the runs came in.
     assert summary["manifold-input"]["test_err"]["values"] == [-0.5, 0.5]
-    assert ex.paired_difference({"manifold": runs["manifold"], "input": runs["input"][:1]}) == {}
+    only_seed_2 = {"manifold": runs["manifold"], "input": runs["input"][:1]}
+    assert ex.paired_difference(only_seed_2) == {"test_err": [0.5]}
+    assert ex.paired_difference({"manifold": runs["manifold"], "input": []}) == {}
     assert "-0.00 ± 0.71" in ex.format_paired(runs) or "0.00 ± 0.71" in ex.format_paired(runs)
 
 
