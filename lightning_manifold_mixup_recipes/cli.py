@@ -66,6 +66,8 @@ HOLDOUT_HELP = (
 REAL_SEEDS = [10, 11, 12, 13, 14]
 FLATTENING_SEEDS = [0, 1, 2, 3, 4]
 DEFAULT_CACHE = Path("runs") / "cache"
+LOG_FILE = Path("runs") / "lightning.log"
+LOG_HELP = "file that receives Lightning's per-run messages (default runs/lightning.log)"
 CACHE_HELP = (
     "folder of per-run results (real-image datasets; default runs/cache): finished runs are "
     "read back, so a killed command resumes"
@@ -122,6 +124,7 @@ def _experiment_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--holdout", action="store_true", help=HOLDOUT_HELP)
     cmp.add_argument("--accelerator", default="cpu")
     cmp.add_argument("--out", type=Path, default=None, help="write the raw results as JSON")
+    cmp.add_argument("--log-file", type=Path, default=LOG_FILE, help=LOG_HELP)
     _add_common_real(cmp)
 
     flat = sub.add_parser("flattening", help="per-class singular values of a hidden layer")
@@ -142,6 +145,7 @@ def _experiment_parser() -> argparse.ArgumentParser:
     )
     flat.add_argument("--test-size", type=int, default=None, help="mnist: test images (all)")
     _add_common_real(flat)
+    flat.add_argument("--log-file", type=Path, default=LOG_FILE, help=LOG_HELP)
     flat.add_argument("--holdout", action="store_true", help=HOLDOUT_HELP)
     flat.add_argument("--accelerator", default="cpu")
     flat.add_argument("--out", type=Path, default=None, help="JSON results")
@@ -226,6 +230,7 @@ def _run_paper_flattening(args: argparse.Namespace) -> None:
         data_dir=args.data_dir,
         cache_dir=_cache(args),
         cached_only=args.cached_only,
+        log_file=args.log_file,
     )
     images = args.train_size or paper_mnist.TRAIN_IMAGES
     title = (
@@ -269,6 +274,7 @@ def _run_compare(args: argparse.Namespace) -> None:
         cache_dir=_cache(args) if real else None,
         preset=ex.with_data_dir(args.dataset, args.data_dir),
         cached_only=args.cached_only,
+        log_file=args.log_file,
     )
     preset = ex.PRESETS[args.dataset]
     lrs = {m: preset.lr[m] if args.lr is None else args.lr for m in args.methods}

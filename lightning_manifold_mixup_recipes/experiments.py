@@ -215,13 +215,32 @@ def fast_mode() -> bool:
     return os.environ.get("LMM_FAST", "") not in ("", "0")
 
 
+LIGHTNING_LOGGERS = (
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "lightning_fabric",
+)
+
+
 @contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-fit info lines and advice while many small runs go by."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
+def quiet_lightning(log_file: str | Path | None = None) -> Iterator[None]:
+    """Keep Lightning's per-fit info lines and advice off the terminal while many small runs go
+    by: dropped (warnings still shown), or with ``log_file`` all appended to that file."""
+    loggers = [logging.getLogger(n) for n in LIGHTNING_LOGGERS]
+    saved = [(lg.level, lg.handlers[:], lg.propagate) for lg in loggers]
+    handler: logging.Handler | None = None
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
     for lg in loggers:
-        lg.setLevel(logging.WARNING)
+        if handler is None:
+            lg.setLevel(logging.WARNING)
+        else:
+            lg.setLevel(logging.INFO)
+            lg.handlers = [handler]
+            lg.propagate = False
     try:
         with warnings.catch_warnings():
             # Advice that does not apply to these small in-memory runs.
@@ -229,8 +248,12 @@ def quiet_lightning() -> Iterator[None]:
                 warnings.filterwarnings("ignore", message=message)
             yield
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
+        for lg, (level, handlers, propagate) in zip(loggers, saved, strict=True):
             lg.setLevel(level)
+            lg.handlers = handlers
+            lg.propagate = propagate
+        if handler is not None:
+            handler.close()
 
 
 def make_callback(
@@ -578,6 +601,7 @@ def compare(
     cache_dir: str | Path | None = None,
     preset: Preset | None = None,
     cached_only: bool = False,
+    log_file: str | Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train every method on every seed; returns per-method lists of :func:`evaluate` dicts.
 
@@ -594,6 +618,7 @@ def compare(
     trained again, so a killed comparison resumes where it stopped. ``preset`` replaces the
     named dataset's preset (for example one reading another data directory). ``cached_only``
     trains nothing: runs missing from the cache are left out (tables of finished runs).
+    ``log_file`` receives Lightning's per-run messages (:func:`quiet_lightning`).
     """
     from tqdm.auto import tqdm
 
@@ -614,7 +639,7 @@ def compare(
         unit="step",
         unit_scale=True,
     )
-    with bar, quiet_lightning():
+    with bar, quiet_lightning(log_file):
         for run, (method, seed) in enumerate(jobs, start=1):
             bar.set_postfix_str(f"run {run}/{len(jobs)}: {method}, seed {seed}")
             alpha = (alphas or {}).get(method)

@@ -158,6 +158,7 @@ def flattening(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     cached_only: bool = False,
+    log_file: str | Path | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Train the Appendix G network per method and seed; measure the test representations.
 
@@ -167,7 +168,7 @@ def flattening(
     (the mean per-class spectrum, up to 32 values). ``train_size``/``test_size``: use that many
     training / test images (quick runs). With ``cache_dir`` each run is stored and read back
     instead of retrained, so a killed run resumes; ``cached_only`` trains nothing and leaves out
-    the runs missing from the cache.
+    the runs missing from the cache. ``log_file`` receives Lightning's per-run messages.
     """
     from tqdm.auto import tqdm
 
@@ -188,7 +189,7 @@ def flattening(
         unit="step",
         unit_scale=True,
     )
-    with bar, quiet_lightning():
+    with bar, quiet_lightning(log_file):
         for run, (method, seed) in enumerate(jobs, start=1):
             bar.set_postfix_str(f"run {run}/{len(jobs)}: {method}, seed {seed}")
             path = None

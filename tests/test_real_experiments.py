@@ -302,3 +302,16 @@ def test_real_datasets_default_to_five_seeds_none_of_which_a_search_used() -> No
     args = cli._experiment_parser().parse_args(["compare", "--dataset", "fashion-mnist"])
     assert args.seeds is None and args.cache == Path("runs") / "cache"
     assert len(cli.REAL_SEEDS) >= 5 and not set(cli.REAL_SEEDS) & {0, 1}
+
+
+def test_lightnings_per_run_messages_go_to_the_log_file_not_the_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "lightning.log"
+    main(
+        ["compare", "--dataset", "spirals", "--seeds", "1", "--steps", "2", "--log-file", str(log)]
+    )
+    out, err = capfd.readouterr()
+    assert "| manifold |" in out
+    for message in ("Trainer.fit` stopped", "GPU available", "ManifoldMixupCallback"):
+        assert message not in out + err and message in log.read_text()
