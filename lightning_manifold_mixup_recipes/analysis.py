@@ -196,3 +196,37 @@ def plot_spectra(results: dict[str, dict[str, Any]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_error_curves(
+    panels: dict[str, dict[str, list[dict[str, Any]]]], path: str, steps_per_epoch: int
+) -> None:
+    """Error % against epochs, one panel per entry of ``panels`` (title -> compare results
+    whose runs hold a ``curve``), one line per method: the mean over runs, shaded ± one std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (title, results) in zip(axes[0], panels.items(), strict=True):
+        split = ""
+        for method, runs in results.items():
+            curves = [r["curve"] for r in runs if r.get("curve")]
+            if not curves:
+                continue
+            split = runs[0].get("curve_split", split)
+            length = min(len(c) for c in curves)
+            values = torch.tensor([[p[1] for p in c[:length]] for c in curves])
+            epochs = [p[0] / steps_per_epoch for p in curves[0][:length]]
+            mean = values.mean(0)
+            std = values.std(0) if len(curves) > 1 else torch.zeros_like(mean)
+            ax.plot(epochs, mean, marker=".", label=f"{method} ({len(curves)} runs)")
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{split or 'test'} error %")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

