@@ -16,7 +16,7 @@ from lightning_manifold_mixup.patchup import PatchUpSoft
 from lightning_manifold_mixup.policies import MixPolicy, cutmix_tensor, mix_batch, mix_tensor
 from lightning_manifold_mixup.targets import MixedTarget, mix_targets, one_hot_mix
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "ManifoldMixupCallback",
